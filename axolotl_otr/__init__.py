@@ -1,0 +1,35 @@
+"""One-Token Rollout (OTR) fine-tuning for Axolotl.
+
+The loss (``otr_loss``, pure torch) imports nothing from Axolotl; the plugin class
+(``OTRPlugin``) and its config schema (``OTRArgs``) are imported lazily, so
+``import axolotl_otr`` stays cheap and works without Axolotl installed.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "otr_loss": "axolotl_otr.loss",
+    "otr_loss_from_hidden": "axolotl_otr.loss",
+    "stats_to_metrics": "axolotl_otr.loss",
+    "select_targets": "axolotl_otr.loss",
+    "Objective": "axolotl_otr.objective",
+    "OTRConfigError": "axolotl_otr.objective",
+    "OTRArgs": "axolotl_otr.args",
+    "OTRPlugin": "axolotl_otr.plugin",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'axolotl_otr' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value

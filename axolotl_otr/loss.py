@@ -1,0 +1,258 @@
+"""The public OTR loss, in the Hugging Face causal-LM convention.
+
+Labels are aligned with ``input_ids`` and shifted here; ``ignore_index`` positions are
+skipped; with ``position_ids`` (sample packing) no target is scored across a packed
+sequence boundary. Normalization follows ``shared/OTR.md``: by default the summed
+per-token loss is divided by ``num_items_in_batch`` (the trainer's count of target
+tokens in the whole global batch), so gradient accumulation and data parallelism give
+the gradient of one big batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .chunk_math import STAT_NAMES
+from .fused import default_chunk_size, fused_linear_loss, fused_logits_loss
+from .objective import (
+    DEFAULT_BETA,
+    DEFAULT_NUM_SAMPLES,
+    DEFAULT_TEMPERATURE,
+    Objective,
+    OTRConfigError,
+    validate_normalization,
+)
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Targets:
+    """The scored positions of a batch, flattened to rows of [batch * seq]."""
+
+    rows: torch.Tensor  # [N] int64 row index into the flattened batch
+    tokens: torch.Tensor  # [N] int64 target token id
+    scale: torch.Tensor  # [N] fp32 normalization weight
+    count: int  # N
+
+
+def select_targets(
+    labels: torch.Tensor,
+    *,
+    normalization: str = "token",
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> Targets:
+    """Shift labels, drop ignored and cross-boundary targets, and weight each position.
+
+    ``num_items_in_batch`` counts the normalization units of the global batch: target
+    tokens for ``token``, sequences for ``sequence`` (the paper's mean over sequences of
+    each sequence's mean token loss). Without it the local batch is its own global batch.
+    """
+    validate_normalization(normalization)
+    if labels.dim() == 1:
+        labels = labels.unsqueeze(0)
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be [batch, seq], got shape {tuple(labels.shape)}")
+    shifted = torch.full_like(labels, ignore_index)
+    shifted[:, :-1] = labels[:, 1:]
+    starts = None
+    if position_ids is not None:
+        position_ids = position_ids.reshape(labels.shape).to(labels.device)
+        starts = position_ids == 0
+        shifted[:, :-1].masked_fill_(starts[:, 1:], ignore_index)
+    flat = shifted.reshape(-1)
+    rows = (flat != ignore_index).nonzero().view(-1)
+    tokens = flat.index_select(0, rows)
+    count = rows.numel()
+    if tokens.numel() and (tokens.min() < 0):
+        raise ValueError(
+            f"labels contain negative ids other than ignore_index={ignore_index}"
+        )
+
+    if normalization == "token":
+        denom = _as_float(num_items_in_batch, default=count)
+        scale = torch.full((count,), 1.0, dtype=torch.float32, device=labels.device)
+        scale /= max(denom, 1e-12) if count else 1.0
+        return Targets(rows=rows, tokens=tokens, scale=scale, count=count)
+
+    segment = sequence_ids(labels.shape, starts, labels.device).view(-1)[rows]
+    per_segment = torch.bincount(segment)
+    sequences = int((per_segment > 0).sum())
+    denom = _as_float(num_items_in_batch, default=sequences)
+    scale = 1.0 / (per_segment[segment].to(torch.float32) * max(denom, 1e-12))
+    return Targets(rows=rows, tokens=tokens, scale=scale, count=count)
+
+
+def sequence_ids(
+    shape: torch.Size, starts: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """Id of the (packed) sequence each position belongs to, unique across the batch."""
+    new_seq = torch.zeros(shape, dtype=torch.bool, device=device)
+    if starts is not None:
+        new_seq |= starts
+    new_seq[:, 0] = True
+    return new_seq.view(-1).cumsum(0).view(shape) - 1
+
+
+def count_sequences(
+    labels: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> int:
+    """Number of (packed) sequences with at least one target: ``sequence`` mode's unit."""
+    targets = select_targets(
+        labels, position_ids=position_ids, ignore_index=ignore_index
+    )
+    if targets.count == 0:
+        return 0
+    starts = None if position_ids is None else position_ids.reshape(labels.shape) == 0
+    segment = sequence_ids(labels.shape, starts, labels.device).view(-1)[targets.rows]
+    return int(torch.unique(segment).numel())
+
+
+def _as_float(value: int | float | torch.Tensor | None, default: int) -> float:
+    if value is None:
+        return float(default)
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    return float(value)
+
+
+def _objective(objective, num_samples, temperature, beta, estimator) -> Objective:
+    return Objective(
+        objective=objective,
+        num_samples=num_samples,
+        temperature=temperature,
+        beta=beta,
+        estimator=estimator,
+    )
+
+
+def stats_to_metrics(stats: torch.Tensor) -> dict[str, float]:
+    """Means per target token from the summed statistics of any number of batches."""
+    values = stats.detach().double().cpu().tolist()
+    tokens = values[0]
+    metrics = {"tokens": tokens}
+    for name, total in zip(STAT_NAMES[1:], values[1:]):
+        metrics[name] = total / tokens if tokens else float("nan")
+    return metrics
+
+
+def otr_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    temperature: float = DEFAULT_TEMPERATURE,
+    beta: float = DEFAULT_BETA,
+    estimator: str = "sampled",
+    normalization: str = "token",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    objective: str = "otr",
+    position_ids: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    return_metrics: bool = False,
+):
+    """One-Token Rollout loss of causal-LM ``logits`` [batch, seq, vocab].
+
+    Returns the scalar loss, or ``(loss, stats)`` with ``return_metrics=True``, where
+    ``stats`` is the summed statistics vector (``STAT_NAMES``; turn it into means with
+    ``stats_to_metrics``). A batch without any target token gives a zero loss that is
+    still connected to ``logits`` (zero gradient).
+    """
+    obj = _objective(objective, num_samples, temperature, beta, estimator)
+    if logits.dim() == 2:
+        logits = logits.unsqueeze(0)
+    if logits.dim() != 3 or logits.shape[:2] != labels.reshape(logits.shape[:2]).shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match"
+        )
+    labels = labels.reshape(logits.shape[:2])
+    targets = select_targets(
+        labels,
+        normalization=normalization,
+        num_items_in_batch=num_items_in_batch,
+        position_ids=position_ids,
+        ignore_index=ignore_index,
+    )
+    _check_vocab(targets, logits.shape[-1])
+    flat = logits.reshape(-1, logits.shape[-1])
+    chunk = chunk_size or default_chunk_size(logits.shape[-1], from_hidden=False)
+    loss, stats = fused_logits_loss(
+        flat, targets.rows, targets.tokens, targets.scale, obj, generator, chunk
+    )
+    return (loss, stats) if return_metrics else loss
+
+
+def otr_loss_from_hidden(
+    hidden_states: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    lm_head_bias: torch.Tensor | None = None,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    temperature: float = DEFAULT_TEMPERATURE,
+    beta: float = DEFAULT_BETA,
+    estimator: str = "sampled",
+    normalization: str = "token",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    objective: str = "otr",
+    position_ids: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    return_metrics: bool = False,
+):
+    """``otr_loss`` of ``hidden_states @ lm_head_weight.T (+ bias)``, never holding the
+    logits of the whole batch: they are computed, used and dropped chunk by chunk.
+    ``lm_head_weight`` may be any differentiable tensor (tied, or base + LoRA delta)."""
+    obj = _objective(objective, num_samples, temperature, beta, estimator)
+    if hidden_states.dim() == 2:
+        hidden_states = hidden_states.unsqueeze(0)
+    labels = labels.reshape(hidden_states.shape[:2])
+    targets = select_targets(
+        labels,
+        normalization=normalization,
+        num_items_in_batch=num_items_in_batch,
+        position_ids=position_ids,
+        ignore_index=ignore_index,
+    )
+    _check_vocab(targets, lm_head_weight.shape[0])
+    flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+    chunk = chunk_size or default_chunk_size(lm_head_weight.shape[0], from_hidden=True)
+    loss, stats = fused_linear_loss(
+        flat,
+        lm_head_weight,
+        lm_head_bias,
+        targets.rows,
+        targets.tokens,
+        targets.scale,
+        obj,
+        generator,
+        chunk,
+    )
+    return (loss, stats) if return_metrics else loss
+
+
+def _check_vocab(targets: Targets, vocab_size: int) -> None:
+    if targets.count and int(targets.tokens.max()) >= vocab_size:
+        raise ValueError(
+            f"a label id ({int(targets.tokens.max())}) is outside the vocabulary "
+            f"(size {vocab_size}); the tokenizer and the model do not match"
+        )
+
+
+__all__ = [
+    "OTRConfigError",
+    "count_sequences",
+    "otr_loss",
+    "otr_loss_from_hidden",
+    "select_targets",
+    "stats_to_metrics",
+]

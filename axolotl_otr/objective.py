@@ -1,0 +1,92 @@
+"""The settings of one training objective (OTR, DFT or SFT) and their allowed ranges.
+
+Pure Python on purpose: the loss (pure torch) and the Axolotl config schema (pydantic)
+both read the bounds from here, so the two can never disagree about what is valid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+OBJECTIVES = ("otr", "dft", "sft")
+ESTIMATORS = ("sampled", "exact")
+NORMALIZATIONS = ("token", "sequence")
+
+DEFAULT_NUM_SAMPLES = 256  # the paper's K
+DEFAULT_TEMPERATURE = 1.3  # kappa, reported for the paper by a secondary summary
+DEFAULT_BETA = -0.1  # this project's choice for the paper's "slightly negative" beta
+
+MAX_NUM_SAMPLES = 1 << 20
+MAX_TEMPERATURE = 100.0
+MIN_BETA = -1.0  # below this the unlikelihood push dominates the target term
+
+
+class OTRConfigError(ValueError):
+    """A bad OTR setting; the message names the config key and its allowed range."""
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What the weighted negative log-likelihood rewards.
+
+    ``objective`` picks the weight scheme: ``otr`` (the paper), ``dft``
+    (-sg(pi(y)) log pi(y)) or ``sft`` (plain cross-entropy), so all three are computed
+    by the same code and compared on equal footing.
+    """
+
+    objective: str = "otr"
+    num_samples: int = DEFAULT_NUM_SAMPLES
+    temperature: float = DEFAULT_TEMPERATURE
+    beta: float = DEFAULT_BETA
+    estimator: str = "sampled"
+
+    def __post_init__(self) -> None:
+        validate_objective(
+            self.objective, self.num_samples, self.temperature, self.beta, self.estimator
+        )
+
+    @property
+    def samples(self) -> bool:
+        """Whether this objective draws K tokens per position."""
+        return self.objective == "otr" and self.estimator == "sampled"
+
+
+def validate_objective(
+    objective: str, num_samples: int, temperature: float, beta: float, estimator: str
+) -> None:
+    """Raise OTRConfigError naming the config key of the first bad value."""
+    if objective not in OBJECTIVES:
+        raise OTRConfigError(f"otr_objective must be one of {OBJECTIVES}, got {objective!r}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int):
+        raise OTRConfigError(
+            f"otr_num_samples must be an integer in [1, {MAX_NUM_SAMPLES}], got {num_samples!r}"
+        )
+    if not 1 <= num_samples <= MAX_NUM_SAMPLES:
+        raise OTRConfigError(
+            f"otr_num_samples must be in [1, {MAX_NUM_SAMPLES}], got {num_samples}"
+        )
+    if not _finite_number(temperature) or not 0.0 < temperature <= MAX_TEMPERATURE:
+        raise OTRConfigError(
+            f"otr_temperature must be in (0, {MAX_TEMPERATURE}], got {temperature!r}"
+        )
+    if not _finite_number(beta) or not MIN_BETA <= beta < 1.0:
+        raise OTRConfigError(f"otr_beta must be in [{MIN_BETA}, 1), got {beta!r}")
+    if estimator not in ESTIMATORS:
+        raise OTRConfigError(f"otr_estimator must be one of {ESTIMATORS}, got {estimator!r}")
+
+
+def validate_normalization(normalization: str) -> None:
+    """Raise OTRConfigError unless ``normalization`` is a known mode."""
+    if normalization not in NORMALIZATIONS:
+        raise OTRConfigError(
+            f"otr_normalization must be one of {NORMALIZATIONS}, got {normalization!r}"
+        )
+
+
+def _finite_number(value: object) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
