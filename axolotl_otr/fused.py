@@ -47,9 +47,7 @@ class FusedLogitsLoss(torch.autograd.Function):
         grad = torch.zeros_like(logits) if need_grad else None
         for part in _chunks(rows, chunk_size):
             z = logits.index_select(0, rows[part]).float()
-            out = weighted_nll_chunk(
-                z, targets[part], scale[part], objective, generator, need_grad
-            )
+            out = weighted_nll_chunk(z, targets[part], scale[part], objective, generator, need_grad)
             loss += out.loss
             stats += out.stats
             if need_grad:
@@ -70,9 +68,7 @@ class FusedLinearLoss(torch.autograd.Function):
     """Weighted NLL of ``hidden @ weight.T + bias``, one chunk of logits at a time."""
 
     @staticmethod
-    def forward(
-        ctx, hidden, weight, bias, rows, targets, scale, objective, generator, chunk_size
-    ):
+    def forward(ctx, hidden, weight, bias, rows, targets, scale, objective, generator, chunk_size):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_grad = need_h or need_w or need_b
         device_type = hidden.device.type
@@ -86,7 +82,9 @@ class FusedLinearLoss(torch.autograd.Function):
             b = bias.to(compute_dtype) if bias is not None else None
             grad_h = torch.zeros_like(hidden) if need_h else None
             grad_w = torch.zeros_like(w) if need_w else None
-            grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
+            grad_b = (
+                torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
+            )
             loss, stats = _empty_result(hidden.device)
             for part in _chunks(rows, chunk_size):
                 h = hidden.index_select(0, rows[part]).to(compute_dtype)
@@ -134,9 +132,7 @@ def fused_logits_loss(
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, stats) of the rows ``rows`` of 2-D ``logits``; see ``FusedLogitsLoss``."""
-    return FusedLogitsLoss.apply(
-        logits, rows, targets, scale, objective, generator, chunk_size
-    )
+    return FusedLogitsLoss.apply(logits, rows, targets, scale, objective, generator, chunk_size)
 
 
 def fused_linear_loss(

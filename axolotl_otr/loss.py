@@ -69,9 +69,7 @@ def select_targets(
     tokens = flat.index_select(0, rows)
     count = rows.numel()
     if tokens.numel() and (tokens.min() < 0):
-        raise ValueError(
-            f"labels contain negative ids other than ignore_index={ignore_index}"
-        )
+        raise ValueError(f"labels contain negative ids other than ignore_index={ignore_index}")
 
     if normalization == "token":
         denom = _as_float(num_items_in_batch, default=count)
@@ -104,9 +102,7 @@ def count_sequences(
     ignore_index: int = IGNORE_INDEX,
 ) -> int:
     """Number of (packed) sequences with at least one target: ``sequence`` mode's unit."""
-    targets = select_targets(
-        labels, position_ids=position_ids, ignore_index=ignore_index
-    )
+    targets = select_targets(labels, position_ids=position_ids, ignore_index=ignore_index)
     if targets.count == 0:
         return 0
     starts = None if position_ids is None else position_ids.reshape(labels.shape) == 0
@@ -137,7 +133,7 @@ def stats_to_metrics(stats: torch.Tensor) -> dict[str, float]:
     values = stats.detach().double().cpu().tolist()
     tokens = values[0]
     metrics = {"tokens": tokens}
-    for name, total in zip(STAT_NAMES[1:], values[1:]):
+    for name, total in zip(STAT_NAMES[1:], values[1:], strict=True):
         metrics[name] = total / tokens if tokens else float("nan")
     return metrics
 

@@ -56,37 +56,47 @@ def validate_objective(
     objective: str, num_samples: int, temperature: float, beta: float, estimator: str
 ) -> None:
     """Raise OTRConfigError naming the config key of the first bad value."""
-    if objective not in OBJECTIVES:
-        raise OTRConfigError(f"otr_objective must be one of {OBJECTIVES}, got {objective!r}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int):
+    check_choice("otr_objective", objective, OBJECTIVES)
+    check_num_samples(num_samples)
+    check_temperature(temperature)
+    check_beta(beta)
+    check_choice("otr_estimator", estimator, ESTIMATORS)
+
+
+def check_choice(key: str, value: object, allowed: tuple[str, ...]) -> object:
+    """Raise OTRConfigError unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise OTRConfigError(f"{key} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def check_num_samples(value: object) -> int:
+    """K must be a true integer (not a bool) in [1, MAX_NUM_SAMPLES]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not (1 <= value <= MAX_NUM_SAMPLES):
         raise OTRConfigError(
-            f"otr_num_samples must be an integer in [1, {MAX_NUM_SAMPLES}], got {num_samples!r}"
+            f"otr_num_samples must be an integer in [1, {MAX_NUM_SAMPLES}], got {value!r}"
         )
-    if not 1 <= num_samples <= MAX_NUM_SAMPLES:
-        raise OTRConfigError(
-            f"otr_num_samples must be in [1, {MAX_NUM_SAMPLES}], got {num_samples}"
-        )
-    if not _finite_number(temperature) or not 0.0 < temperature <= MAX_TEMPERATURE:
-        raise OTRConfigError(
-            f"otr_temperature must be in (0, {MAX_TEMPERATURE}], got {temperature!r}"
-        )
-    if not _finite_number(beta) or not MIN_BETA <= beta < 1.0:
-        raise OTRConfigError(f"otr_beta must be in [{MIN_BETA}, 1), got {beta!r}")
-    if estimator not in ESTIMATORS:
-        raise OTRConfigError(f"otr_estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    return value
+
+
+def check_temperature(value: object) -> float:
+    """kappa must be finite and in (0, MAX_TEMPERATURE]."""
+    if not _finite_number(value) or not 0.0 < value <= MAX_TEMPERATURE:
+        raise OTRConfigError(f"otr_temperature must be in (0, {MAX_TEMPERATURE}], got {value!r}")
+    return value
+
+
+def check_beta(value: object) -> float:
+    """beta must be finite and in [MIN_BETA, 1): beta = 1 rewards every token alike."""
+    if not _finite_number(value) or not MIN_BETA <= value < 1.0:
+        raise OTRConfigError(f"otr_beta must be in [{MIN_BETA}, 1), got {value!r}")
+    return value
 
 
 def validate_normalization(normalization: str) -> None:
     """Raise OTRConfigError unless ``normalization`` is a known mode."""
-    if normalization not in NORMALIZATIONS:
-        raise OTRConfigError(
-            f"otr_normalization must be one of {NORMALIZATIONS}, got {normalization!r}"
-        )
+    check_choice("otr_normalization", normalization, NORMALIZATIONS)
 
 
 def _finite_number(value: object) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,127 @@
+"""Pydantic schema of the plugin's config keys, merged by Axolotl into its own config.
+
+Bounds come from ``objective.py``, the same place the loss validates them, so a bad
+value fails at config load with a message naming the key and the allowed range.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from .objective import (
+    DEFAULT_BETA,
+    DEFAULT_NUM_SAMPLES,
+    DEFAULT_TEMPERATURE,
+    check_beta,
+    check_num_samples,
+    check_temperature,
+)
+
+# Axolotl options that replace the loss function or the lm_head/loss computation.
+# With OTR on they would either silently bypass OTR or be bypassed by it, so they are
+# refused with the reason.
+CONFLICTING_OPTIONS = {
+    "cut_cross_entropy": "Cut Cross-Entropy computes plain CE inside the model forward",
+    "liger_fused_linear_cross_entropy": "Liger's fused linear CE computes plain CE "
+    "inside the model forward; OTR has its own fused, chunked lm_head path",
+    "liger_cross_entropy": "Liger's CE kernel replaces the model's CE, which OTR does not use",
+    "chunked_cross_entropy": "chunked CE patches the model's CE, which OTR does not use; "
+    "OTR already computes its loss chunk by chunk",
+    "use_eaft": "EAFT installs its own loss function in the same trainer slot as OTR",
+    "orpo_alpha": "ORPO computes its own loss in the trainer",
+    "rl": "preference/RL trainers (DPO, KTO, ORPO, GRPO...) have their own losses",
+    "kd_trainer": "knowledge distillation has its own trainer loss",
+    "reward_model": "reward-model training has no token-level targets",
+    "process_reward_model": "process reward models have no token-level targets",
+}
+
+
+class OTRArgs(BaseModel):
+    """Config keys of One-Token Rollout (see README for what each does)."""
+
+    otr: bool | None = Field(
+        default=None,
+        json_schema_extra={"description": "Train with One-Token Rollout instead of CE."},
+    )
+    otr_num_samples: int = Field(
+        default=DEFAULT_NUM_SAMPLES,
+        json_schema_extra={"description": "K: tokens sampled per position."},
+    )
+    otr_temperature: float = Field(
+        default=DEFAULT_TEMPERATURE,
+        json_schema_extra={"description": "kappa: temperature of the rollout policy."},
+    )
+    otr_beta: float = Field(
+        default=DEFAULT_BETA,
+        json_schema_extra={"description": "Reward of a sampled token that is not the target."},
+    )
+    otr_estimator: Literal["sampled", "exact"] = Field(
+        default="sampled",
+        json_schema_extra={"description": "'sampled' (the paper) or 'exact' (its expectation)."},
+    )
+    otr_normalization: Literal["token", "sequence"] = Field(
+        default="token",
+        json_schema_extra={
+            "description": "'token': mean over all target tokens of the "
+            "global batch; 'sequence': the paper's per-sequence 1/T."
+        },
+    )
+    otr_objective: Literal["otr", "dft", "sft"] = Field(
+        default="otr",
+        json_schema_extra={
+            "description": "Weight scheme; 'dft'/'sft' run DFT or plain CE "
+            "through the same code path, for comparisons."
+        },
+    )
+    otr_fused: bool = Field(
+        default=True,
+        json_schema_extra={
+            "description": "Compute the loss chunk by chunk from hidden "
+            "states without full logits, where the model allows it."
+        },
+    )
+    otr_chunk_size: int | None = Field(
+        default=None,
+        json_schema_extra={"description": "Positions per loss chunk (default: automatic)."},
+    )
+    otr_seed: int | None = Field(
+        default=None,
+        json_schema_extra={"description": "Seed of the token sampler (default: `seed`)."},
+    )
+
+    @field_validator("otr_num_samples", mode="before")
+    @classmethod
+    def _check_num_samples(cls, value: Any) -> Any:
+        return check_num_samples(value)
+
+    @field_validator("otr_temperature")
+    @classmethod
+    def _check_temperature(cls, value: float) -> float:
+        return check_temperature(value)
+
+    @field_validator("otr_beta")
+    @classmethod
+    def _check_beta(cls, value: float) -> float:
+        return check_beta(value)
+
+    @field_validator("otr_chunk_size")
+    @classmethod
+    def _check_chunk_size(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"otr_chunk_size must be a positive integer or null, got {value}")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_conflicting_losses(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("otr"):
+            return data
+        for key, reason in CONFLICTING_OPTIONS.items():
+            if data.get(key):
+                raise ValueError(
+                    f"otr: true cannot be combined with {key}: {reason}. "
+                    f"Set {key} to false/null, or otr to false."
+                )
+        return data

@@ -1,0 +1,53 @@
+"""Accumulates the loss statistics between two trainer logs and turns them into metrics.
+
+OTR loss values are not cross-entropy values; users judge a run by the plain CE, the
+mean probability of the target, the hit rate of the K samples and the entropy of the
+policy on the same tokens, so those are logged next to the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from .loss import stats_to_metrics
+
+METRIC_KEYS = {
+    "ce": "otr/ce",
+    "p_target": "otr/p_target",
+    "hit_rate": "otr/hit_rate",
+    "entropy": "otr/entropy",
+}
+
+
+class StatsAccumulator:
+    """Sums of the statistics vector, one per phase (``train`` / ``eval``)."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+
+    def add(self, phase: str, stats: torch.Tensor) -> None:
+        stats = stats.detach()
+        current = self._sums.get(phase)
+        self._sums[phase] = stats.clone() if current is None else current + stats
+
+    def pop_metrics(
+        self,
+        phase: str,
+        prefix: str = "",
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> dict[str, float]:
+        """Means since the last pop (summed over processes by ``reduce``), then reset."""
+        stats = self._sums.pop(phase, None)
+        if stats is None:
+            return {}
+        if reduce is not None:
+            stats = reduce(stats)
+        means = stats_to_metrics(stats)
+        if not means["tokens"]:
+            return {}
+        logs = {prefix + key: round(means[name], 6) for name, key in METRIC_KEYS.items()}
+        logs[prefix + "otr/ppl"] = round(math.exp(min(means["ce"], 700.0)), 4)
+        return logs

@@ -1,0 +1,107 @@
+"""Find a model's output projection as a differentiable (weight, bias) pair.
+
+The chunked hidden-state path needs the lm_head as plain tensors. That is exact for a
+``nn.Linear`` (tied or not), a PEFT LoRA-wrapped ``nn.Linear`` (weight = base + sum of
+the active adapters' deltas, still differentiable in A and B) and a PEFT
+``modules_to_save`` copy. Anything else (4-bit lm_head, DoRA, LoRA dropout on the
+lm_head, logit soft-capping or scaling after the lm_head) is reported as unsupported, and
+the caller falls back to the model's own logits.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# Architectures whose logits are exactly lm_head(last hidden state): no soft-capping,
+# no logit scaling. Others use the logits path, which is always correct.
+PLAIN_LOGIT_MODEL_TYPES = frozenset(
+    {
+        "llama",
+        "mistral",
+        "mixtral",
+        "qwen2",
+        "qwen2_moe",
+        "qwen3",
+        "qwen3_moe",
+        "phi3",
+        "smollm3",
+        "olmo",
+        "olmo2",
+    }
+)
+
+
+@dataclass
+class OutputLayer:
+    """A callable giving the lm_head's current (weight, bias), or why there is none."""
+
+    weight_and_bias: Callable[[], tuple[torch.Tensor, torch.Tensor | None]] | None
+    reason: str = ""
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def resolve_output_layer(model: nn.Module) -> OutputLayer:
+    """How to get the (weight, bias) of ``model``'s lm_head, if that is exact."""
+    base = unwrap_peft(model)
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    if model_type not in PLAIN_LOGIT_MODEL_TYPES:
+        return OutputLayer(None, f"model type {model_type!r} is not known to use plain logits")
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return OutputLayer(None, f"{type(base).__name__}.forward has no logits_to_keep")
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if head is None:
+        return OutputLayer(None, "the model has no output embeddings")
+    return _layer_accessor(head)
+
+
+def _layer_accessor(head: nn.Module) -> OutputLayer:
+    if type(head) is nn.Linear:
+        return OutputLayer(lambda: (head.weight, head.bias))
+    if hasattr(head, "modules_to_save") and hasattr(head, "original_module"):
+        return _modules_to_save_accessor(head)
+    if hasattr(head, "lora_A") and hasattr(head, "base_layer"):
+        return _lora_accessor(head)
+    return OutputLayer(None, f"unsupported lm_head type {type(head).__name__}")
+
+
+def _modules_to_save_accessor(head: nn.Module) -> OutputLayer:
+    def current() -> nn.Module:
+        if head.disable_adapters or not head.active_adapters:
+            return head.original_module
+        return head.modules_to_save[head.active_adapters[0]]
+
+    for module in [head.original_module, *head.modules_to_save.values()]:
+        if type(module) is not nn.Linear:
+            return OutputLayer(None, f"modules_to_save lm_head wraps {type(module).__name__}")
+    return OutputLayer(lambda: (current().weight, current().bias))
+
+
+def _lora_accessor(head: nn.Module) -> OutputLayer:
+    base_layer = head.base_layer
+    if type(base_layer) is not nn.Linear:
+        return OutputLayer(None, f"LoRA lm_head over {type(base_layer).__name__}")
+    for adapter in head.lora_A:
+        if not isinstance(head.lora_dropout[adapter], nn.Identity):
+            return OutputLayer(None, "LoRA dropout on the lm_head")
+        if getattr(head, "use_dora", {}).get(adapter):
+            return OutputLayer(None, "DoRA on the lm_head")
+
+    def weight_and_bias() -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight = base_layer.weight
+        if not (head.disable_adapters or head.merged):
+            for adapter in head.active_adapters:
+                if adapter in head.lora_A:
+                    weight = weight + head.get_delta_weight(adapter).to(weight.dtype)
+        return weight, base_layer.bias
+
+    return OutputLayer(weight_and_bias)
