@@ -39,6 +39,13 @@ def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
+def sample_tokens(
+    probs: torch.Tensor, num_samples: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """[n, K] token ids drawn with replacement from each row of ``probs`` [n, V]."""
+    return torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+
+
 def _softmax_from_max(z: torch.Tensor, row_max: torch.Tensor, temperature: float):
     """softmax(z / temperature) and its log-normalizer, reusing the rows' max of z."""
     if temperature == 1.0:
@@ -109,7 +116,7 @@ def weighted_nll_chunk(
             dense_beta = rollout
         else:
             k = objective.num_samples
-            draws = torch.multinomial(rollout, k, replacement=True, generator=generator)
+            draws = sample_tokens(rollout, k, generator)
             hit = (draws == y).sum(1).to(z.dtype) / k
             target_weight = (1.0 - beta) * hit
             total_weight = beta + target_weight
