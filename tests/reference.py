@@ -1,0 +1,41 @@
+"""Plain, obviously-correct reference implementations the tests compare against.
+
+Written straight from shared/OTR.md with full [tokens, vocab] tensors and autograd, no
+chunking and no closed-form gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def shifted(logits: torch.Tensor, labels: torch.Tensor):
+    """Flattened (logits, targets) of the scored positions, in row-major order."""
+    vocab = logits.shape[-1]
+    z = logits[:, :-1].reshape(-1, vocab)
+    y = labels[:, 1:].reshape(-1)
+    keep = y != -100
+    return z[keep], y[keep]
+
+
+def per_token_loss(z, y, *, objective="otr", estimator="exact", beta=-0.1, kappa=1.3, draws=None):
+    logp = F.log_softmax(z.float(), dim=-1)
+    logp_y = logp.gather(1, y[:, None])[:, 0]
+    if objective == "sft":
+        return -logp_y
+    if objective == "dft":
+        return -logp_y.exp().detach() * logp_y
+    if estimator == "exact":
+        rollout = F.softmax(z.detach().float() / kappa, dim=-1)
+        reward = torch.full_like(rollout, beta)
+        reward.scatter_(1, y[:, None], 1.0)
+        return -(rollout * reward * logp).sum(-1)
+    reward = torch.where(draws == y[:, None], 1.0, beta)
+    return -(reward * logp.gather(1, draws)).mean(-1)
+
+
+def reference_loss(logits, labels, num_items=None, **kwargs):
+    z, y = shifted(logits, labels)
+    losses = per_token_loss(z, y, **kwargs)
+    return losses.sum() / (num_items if num_items is not None else max(len(y), 1))
