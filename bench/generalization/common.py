@@ -1,0 +1,216 @@
+"""Shared pieces of the generalization benchmark: methods, the HF Trainer run, stats.
+
+Every fine-tuning run goes through a plain ``transformers.Trainer`` with the loss put in
+place by ``axolotl_otr.trainer_hook.install_otr``, the same hook the Axolotl plugin uses,
+so SFT, DFT and OTR differ only in the objective the hook computes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from axolotl_otr.objective import Objective
+from axolotl_otr.trainer_hook import OTRSettings, install_otr
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    objective: Objective
+
+
+def otr(k: int = 256, kappa: float = 1.3, beta: float = -0.1, estimator: str = "sampled"):
+    return Objective("otr", num_samples=k, temperature=kappa, beta=beta, estimator=estimator)
+
+
+# The four methods compared everywhere (the paper's defaults for OTR).
+METHODS = [
+    Method("sft", Objective("sft")),
+    Method("dft", Objective("dft")),
+    Method("otr_sampled", otr()),
+    Method("otr_exact", otr(estimator="exact")),
+]
+# Ablations around otr_sampled (K=256, kappa=1.3, beta=-0.1), one knob at a time.
+ABLATIONS = [
+    Method("otr_sampled_beta0", otr(beta=0.0)),
+    Method("otr_sampled_beta-0.3", otr(beta=-0.3)),
+    Method("otr_sampled_kappa1.0", otr(kappa=1.0)),
+    Method("otr_sampled_K16", otr(k=16)),
+]
+METHOD_BY_NAME = {m.name: m for m in METHODS + ABLATIONS}
+
+
+class CurveCallback:
+    """Evaluates every ``every`` steps; keeps training wall time apart from eval time."""
+
+    def __init__(
+        self,
+        every: int,
+        evaluate: Callable[[Any], dict[str, float]],
+        initial: dict[str, float] | None = None,
+    ):
+        from transformers import TrainerCallback
+
+        outer = self
+        self.every = every
+        self.evaluate = evaluate
+        self.points: list[dict[str, float]] = []
+        self.train_time = 0.0
+        self._t0: float | None = None
+        self.initial = initial
+
+        class _CB(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kw):
+                if outer.initial is not None:  # the untouched base model, evaluated once
+                    outer.points.append({"step": 0, "train_time_s": 0.0, **outer.initial})
+                else:
+                    outer._record(model, 0)
+                outer._t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, model=None, **kw):
+                step = state.global_step
+                if step % outer.every == 0 or step == state.max_steps:
+                    outer.train_time += time.perf_counter() - outer._t0
+                    outer._record(model, step)
+                    outer._t0 = time.perf_counter()
+
+        self.callback = _CB()
+
+    def _record(self, model, step: int) -> None:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            point = self.evaluate(model)
+        if was_training:
+            model.train()
+        point = {"step": step, "train_time_s": round(self.train_time, 3), **point}
+        self.points.append(point)
+
+
+def train(
+    model,
+    train_dataset,
+    collator,
+    method: Method,
+    *,
+    lr: float,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    warmup_steps: int,
+    evaluate: Callable[[Any], dict[str, float]],
+    eval_every: int,
+    output_dir: str,
+    grad_accum: int = 1,
+    initial: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune ``model`` in place with ``method`` through an HF Trainer + install_otr.
+
+    The LR schedule is constant after a linear warmup, so the first m steps of a run are
+    exactly a run of m steps: the learning curve can be read at equal wall time.
+    """
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        max_steps=steps,
+        learning_rate=lr,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=warmup_steps,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=max(1, eval_every),
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=seed,
+        data_seed=seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_dataset, data_collator=collator
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the curve and the JSON keep the logs
+    install_otr(trainer, OTRSettings(objective=method.objective, seed=seed))
+    curve = CurveCallback(eval_every, evaluate, initial)
+    trainer.add_callback(curve.callback)
+    trainer.train()
+    logs = [
+        {k: v for k, v in entry.items() if isinstance(v, (int, float))}
+        for entry in trainer.state.log_history
+        if "loss" in entry
+    ]
+    return {"curve": curve.points, "train_time_s": round(curve.train_time, 3), "train_logs": logs}
+
+
+def at_wall_time(curve: list[dict[str, float]], budget_s: float) -> dict[str, float]:
+    """The last curve point whose cumulative training time fits within ``budget_s``."""
+    fitting = [p for p in curve if p["train_time_s"] <= budget_s * 1.0001]
+    return fitting[-1] if fitting else curve[0]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    if len(values) == 1:
+        return values[0], 0.0
+    return statistics.fmean(values), statistics.stdev(values)
+
+
+def summarize(runs: list[dict[str, Any]], keys=("in_domain", "ood", "retention")) -> list[dict]:
+    """Mean and sample std over seeds, grouped by (setting, method)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run.get("setting", ""), run["method"]), []).append(run)
+    rows = []
+    for (setting, method), items in groups.items():
+        row = {"setting": setting, "method": method, "n_seeds": len(items)}
+        row["lr"] = sorted({r.get("lr") for r in items})
+        for key in keys + ("train_time_s", "steps"):
+            vals = [r[key] for r in items if r.get(key) is not None]
+            m, s = mean_std(vals)
+            row[key] = {"mean": round(m, 4), "std": round(s, 4)}
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict], keys=("in_domain", "ood", "retention")) -> str:
+    head = "| setting | method | LR | seeds | " + " | ".join(keys) + " | train s | steps |"
+    out = [head, "|" + "---|" * (len(keys) + 6)]
+    for r in rows:
+        cells = [f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}" for k in keys]
+        lrs = ", ".join(f"{x:g}" for x in r["lr"])
+        out.append(
+            f"| {r['setting']} | {r['method']} | {lrs} | {r['n_seeds']} | "
+            + " | ".join(cells)
+            + f" | {r['train_time_s']['mean']:.1f} | {r['steps']['mean']:.0f} |"
+        )
+    return "\n".join(out)
+
+
+def write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+def set_threads() -> None:
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))

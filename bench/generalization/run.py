@@ -1,0 +1,89 @@
+"""One command for the whole generalization benchmark (see README.md beside this file).
+
+    python bench/generalization/run.py            # scale 1 + scale 2, full (~70 min, 1 CPU thread)
+    python bench/generalization/run.py --quick    # CI smoke test: scale 1 pipeline, < 60 s
+    python bench/generalization/run.py --scale 1  # one scale only
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import common  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+def check(payload: dict) -> None:
+    """Every run has finite accuracies in [0, 1] (what --quick asserts)."""
+    assert payload["runs"], "no runs"
+    for r in payload["runs"]:
+        for key in ("in_domain", "ood", "retention"):
+            v = r[key]
+            assert isinstance(v, float | int) and math.isfinite(v) and 0.0 <= v <= 1.0, (key, r)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run; asserts only")
+    ap.add_argument("--scale", choices=["1", "2", "all"], default=None,
+                    help="default: all (full) / 1 (quick)")
+    ap.add_argument("--out", default=None, help="results folder (default bench/results; "
+                    "--quick: a temporary folder)")
+    ap.add_argument("--workdir", default=os.path.join(ROOT, ".cache", "generalization"))
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args(argv)
+    common.set_threads()
+    scale = args.scale or ("1" if args.quick else "all")
+    out = args.out or (tempfile.mkdtemp(prefix="otr_gen_") if args.quick
+                       else os.path.join(ROOT, "bench", "results"))
+    workdir = args.workdir + ("_quick" if args.quick else "")
+    os.makedirs(workdir, exist_ok=True)
+    t0 = time.perf_counter()
+    written = []
+    if scale in ("1", "all"):
+        import scale1
+
+        payload = scale1.run(args.quick, workdir, log)
+        payload["summary"] = common.summarize(payload["runs"])
+        check(payload)
+        path = os.path.join(out, "generalization.json")
+        common.write_json(path, payload)
+        written.append(path)
+        log("scale 1 summary (mean ± std over seeds):\n" + common.table(payload["summary"]))
+    if scale in ("2", "all"):
+        import scale2
+
+        payload = scale2.run(args.quick, workdir, log)
+        payload["summary"] = common.summarize(payload["runs"])
+        check(payload)
+        path = os.path.join(out, "real_model.json")
+        common.write_json(path, payload)
+        written.append(path)
+        log("scale 2 summary:\n" + common.table(payload["summary"]))
+    if not args.no_plot and not args.quick:
+        import plot
+
+        written.append(plot.plot(out))
+    log(f"done in {time.perf_counter() - t0:.1f} s; wrote {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

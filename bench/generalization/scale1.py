@@ -1,0 +1,401 @@
+"""Scale 1: a ~0.9M-parameter Llama trained from scratch, then fine-tuned on a new skill.
+
+Everything is generated here from fixed seeds; nothing is downloaded.
+
+Base skills (pre-training, one base model shared by all fine-tuning seeds):
+  add   "123+45="  -> "168"         operands of 1-3 digits
+  rev   "R40521="  -> "12504"       reverse a digit string of 3-7 digits
+  copy  "C40521="  -> "40521"       copy a digit string of 3-7 digits
+Target skill (fine-tuning), a three-term sum with its working written out:
+  in-domain  "12+7+45="     -> "19,64"      terms 1-99
+  OOD        "123+210+301=" -> "333,634"    terms 100-333 (3-digit terms; every partial
+             sum is a <=3-digit addition the base model knows, the format is new there)
+Metrics (greedy decoding, exact match of the final number for the target, of the whole
+answer for base skills): in_domain, ood, retention (mean over add/rev/copy).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import time
+from typing import Any
+
+import torch
+
+from common import ABLATIONS, METHODS, at_wall_time, train
+
+CHARS = "0123456789+=,RC"
+PAD, BOS, EOS = 0, 1, 2
+STOI = {c: i + 3 for i, c in enumerate(CHARS)}
+ITOS = {i: c for c, i in STOI.items()}
+VOCAB = 3 + len(CHARS)
+MAX_LEN = 32
+
+
+def encode(text: str) -> list[int]:
+    return [STOI[c] for c in text]
+
+
+def decode(ids: list[int]) -> str:
+    out = []
+    for i in ids:
+        if i == EOS:
+            break
+        out.append(ITOS.get(i, "?"))
+    return "".join(out)
+
+
+# ---- tasks --------------------------------------------------------------------------
+def _num(rng: random.Random, max_digits: int) -> int:
+    d = rng.randint(1, max_digits)
+    return rng.randint(0 if d == 1 else 10 ** (d - 1), 10**d - 1)
+
+
+def _digits(rng: random.Random, lo: int, hi: int) -> str:
+    return "".join(rng.choice("0123456789") for _ in range(rng.randint(lo, hi)))
+
+
+def gen_add(rng):
+    a, b = _num(rng, 3), _num(rng, 3)
+    return f"{a}+{b}=", f"{a + b}"
+
+
+def gen_rev(rng):
+    s = _digits(rng, 3, 7)
+    return f"R{s}=", s[::-1]
+
+
+def gen_copy(rng):
+    s = _digits(rng, 3, 7)
+    return f"C{s}=", s
+
+
+def gen_chain(rng, lo=1, hi=99):
+    a, b, c = (rng.randint(lo, hi) for _ in range(3))
+    return f"{a}+{b}+{c}=", f"{a + b},{a + b + c}"
+
+
+def gen_chain_ood(rng):
+    return gen_chain(rng, 100, 333)
+
+
+BASE_TASKS = {"add": gen_add, "rev": gen_rev, "copy": gen_copy}
+
+
+def unique_set(gen, n: int, seed: int, exclude: set[str] = frozenset()) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    seen, out = set(exclude), []
+    tries = 0
+    while len(out) < n and tries < 100 * n:
+        tries += 1
+        p, a = gen(rng)
+        if p not in seen:
+            seen.add(p)
+            out.append((p, a))
+    return out
+
+
+# ---- model --------------------------------------------------------------------------
+def make_model(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=MAX_LEN,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def example(prompt: str, answer: str) -> dict[str, list[int]]:
+    p = [BOS] + encode(prompt)
+    a = encode(answer) + [EOS]
+    return {"input_ids": p + a, "labels": [-100] * len(p) + a}
+
+
+def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
+    n = max(len(x["input_ids"]) for x in batch)
+    ids = torch.full((len(batch), n), PAD, dtype=torch.long)
+    labels = torch.full((len(batch), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, x in enumerate(batch):
+        k = len(x["input_ids"])
+        ids[i, :k] = torch.tensor(x["input_ids"])
+        labels[i, :k] = torch.tensor(x["labels"])
+        mask[i, :k] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+@torch.no_grad()
+def greedy(model, prompts: list[str], max_new: int = 9, batch: int = 512) -> list[str]:
+    outs: list[str] = []
+    for s in range(0, len(prompts), batch):
+        chunk = [[BOS] + encode(p) for p in prompts[s : s + batch]]
+        n = max(len(c) for c in chunk)
+        ids = torch.full((len(chunk), n), PAD, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, c in enumerate(chunk):  # left padding
+            ids[i, n - len(c) :] = torch.tensor(c)
+            mask[i, n - len(c) :] = 1
+        done = torch.zeros(len(chunk), dtype=torch.bool)
+        gen = []
+        for _ in range(max_new):
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+            nxt = logits.argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, EOS), nxt)
+            gen.append(nxt)
+            done |= nxt == EOS
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
+            if done.all():
+                break
+        gen = torch.stack(gen, 1).tolist()
+        outs.extend(decode(g) for g in gen)
+    return outs
+
+
+def accuracy(model, items, final_only: bool) -> float:
+    preds = greedy(model, [p for p, _ in items])
+    if final_only:
+        ok = [pr.split(",")[-1] == a.split(",")[-1] and pr != "" for pr, (_, a) in zip(preds, items)]
+    else:
+        ok = [pr == a for pr, (_, a) in zip(preds, items)]
+    return sum(ok) / max(1, len(ok))
+
+
+def evaluator(sets: dict[str, list]):
+    def evaluate(model) -> dict[str, float]:
+        out = {
+            "val_in_domain": accuracy(model, sets["val"], True),
+            "in_domain": accuracy(model, sets["test"], True),
+            "ood": accuracy(model, sets["ood"], True),
+        }
+        for name in BASE_TASKS:
+            out[f"retention_{name}"] = accuracy(model, sets[name], False)
+        out["retention"] = sum(out[f"retention_{n}"] for n in BASE_TASKS) / len(BASE_TASKS)
+        return {k: round(v, 4) for k, v in out.items()}
+
+    return evaluate
+
+
+# ---- base model ---------------------------------------------------------------------
+def pretrain_base(cfg: dict, log) -> tuple[Any, dict]:
+    """Train the base model on the base skills (plain CE, own loop: not a compared run)."""
+    torch.manual_seed(0)
+    model = make_model(0)
+    rng = random.Random(12345)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["base_lr"], weight_decay=0.0)
+    steps, bs = cfg["base_steps"], cfg["base_batch"]
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warm)
+        * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(s / steps * 3.14159)).item())),
+    )
+    gens = list(BASE_TASKS.values())
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        batch = collate([example(*rng.choice(gens)(rng)) for _ in range(bs)])
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % max(1, steps // 10) == 0:
+            log(f"  base step {step + 1}/{steps} loss {loss.item():.4f}")
+    model.eval()
+    return model, {"base_train_time_s": round(time.perf_counter() - t0, 1)}
+
+
+# ---- experiment ---------------------------------------------------------------------
+FULL = dict(
+    base_steps=1200,
+    base_batch=128,
+    base_lr=3e-3,
+    n_val=150,
+    n_test=250,
+    n_ood=250,
+    n_ret=100,
+    steps=300,
+    batch=32,
+    warmup=15,
+    eval_every=50,
+    lr_grid=[1e-4, 3e-4, 1e-3, 3e-3],
+    seeds=[0, 1, 2],
+    ablations=True,
+)
+QUICK = dict(
+    base_steps=40,
+    base_batch=64,
+    base_lr=3e-3,
+    n_val=16,
+    n_test=16,
+    n_ood=16,
+    n_ret=8,
+    steps=4,
+    batch=8,
+    warmup=1,
+    eval_every=2,
+    lr_grid=[1e-3],
+    seeds=[0],
+    ablations=False,
+)
+
+
+def run(quick: bool, workdir: str, log) -> dict:
+    cfg = QUICK if quick else FULL
+    t_start = time.perf_counter()
+    sets = {"val": unique_set(gen_chain, cfg["n_val"], 101)}
+    sets["test"] = unique_set(gen_chain, cfg["n_test"], 102, {p for p, _ in sets["val"]})
+    held = {p for p, _ in sets["val"] + sets["test"]}
+    sets["ood"] = unique_set(gen_chain_ood, cfg["n_ood"], 103)
+    for i, name in enumerate(BASE_TASKS):
+        sets[name] = unique_set(BASE_TASKS[name], cfg["n_ret"], 200 + i)
+    evaluate = evaluator(sets)
+
+    log("scale 1: pre-training the base model")
+    base_keys = ("base_steps", "base_batch", "base_lr")
+    tag = "_".join(str(cfg[k]) for k in base_keys)
+    cache = os.path.join(workdir, f"base_{tag}.pt")
+    if os.path.exists(cache) and not quick:
+        saved = torch.load(cache)
+        base = make_model(0)
+        base.load_state_dict(saved["state"])
+        base.eval()
+        base_info = {**saved["info"], "cached": True}
+        log(f"  reusing cached base model {cache}")
+    else:
+        base, base_info = pretrain_base(cfg, log)
+        if not quick:
+            os.makedirs(workdir, exist_ok=True)
+            torch.save({"state": base.state_dict(), "info": base_info}, cache)
+    base_eval = evaluate(base)
+    log(f"  base model: {base_eval} ({base_info['base_train_time_s']} s)")
+    base_state = copy.deepcopy(base.state_dict())
+    n_params = sum(p.numel() for p in base.parameters())
+
+    def train_data(seed: int) -> list[dict]:
+        n = cfg["steps"] * cfg["batch"]
+        return [example(p, a) for p, a in unique_set(gen_chain, n, 10_000 + seed, held)]
+
+    data_cache: dict[int, list] = {}
+    runs: list[dict] = []
+    results: dict[tuple, dict] = {}
+
+    def one(method, lr: float, seed: int, setting: str) -> dict:
+        key = (method.name, lr, seed)
+        if key in results:
+            r = dict(results[key], setting=setting)
+            runs.append(r)
+            return r
+        if seed not in data_cache:
+            data_cache[seed] = train_data(seed)
+        model = make_model(0)
+        model.load_state_dict(base_state)
+        t0 = time.perf_counter()
+        out = train(
+            model,
+            data_cache[seed],
+            collate,
+            method,
+            lr=lr,
+            steps=cfg["steps"],
+            batch_size=cfg["batch"],
+            seed=seed,
+            warmup_steps=cfg["warmup"],
+            evaluate=evaluate,
+            eval_every=cfg["eval_every"],
+            output_dir=os.path.join(workdir, "trainer"),
+            initial=base_eval,
+        )
+        final = out["curve"][-1]
+        r = {
+            "method": method.name,
+            "seed": seed,
+            "lr": lr,
+            "setting": setting,
+            "steps": cfg["steps"],
+            **{k: v for k, v in final.items() if k not in ("step", "train_time_s")},
+            "train_time_s": out["train_time_s"],
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "curve": out["curve"],
+            "train_logs": out["train_logs"],
+        }
+        results[key] = r
+        runs.append(r)
+        log(
+            f"  {setting:10s} {method.name:22s} lr={lr:g} seed={seed}: id={r['in_domain']:.3f} "
+            f"ood={r['ood']:.3f} ret={r['retention']:.3f} val={r['val_in_domain']:.3f} "
+            f"train {r['train_time_s']:.1f}s wall {r['wall_s']:.1f}s"
+        )
+        return r
+
+    # 1. LR sweep on seed 0, selected on the validation split (in-domain, final step).
+    seeds = cfg["seeds"]
+    best_lr = {}
+    for m in METHODS:
+        scores = [(one(m, lr, seeds[0], "sweep")["val_in_domain"], -lr, lr) for lr in cfg["lr_grid"]]
+        best_lr[m.name] = max(scores)[2]  # ties go to the smaller LR
+    log(f"  best LR per method (val, seed {seeds[0]}): {best_lr}")
+    sft_lr = best_lr["sft"]
+    # 2. Equal steps at each method's own best LR, and at SFT's best LR.
+    for seed in seeds:
+        for m in METHODS:
+            one(m, best_lr[m.name], seed, "best_lr")
+    for seed in seeds:
+        for m in METHODS:
+            one(m, sft_lr, seed, "sft_lr")
+    # 3. Equal wall time: each best-LR curve read at SFT's training time of that seed.
+    for seed in seeds:
+        budget = next(
+            r["train_time_s"] for r in runs if r["setting"] == "best_lr" and r["method"] == "sft"
+            and r["seed"] == seed
+        )
+        for m in METHODS:
+            src = next(
+                r for r in runs
+                if r["setting"] == "best_lr" and r["method"] == m.name and r["seed"] == seed
+            )
+            p = at_wall_time(src["curve"], budget)
+            runs.append(
+                {
+                    "method": m.name,
+                    "seed": seed,
+                    "lr": src["lr"],
+                    "setting": "equal_time",
+                    "steps": p["step"],
+                    "time_budget_s": budget,
+                    **{k: v for k, v in p.items() if k not in ("step",)},
+                    "note": "best-LR run read at the last eval point within SFT's train time",
+                }
+            )
+    # 4. Ablations around otr_sampled at its best LR.
+    if cfg["ablations"]:
+        lr = best_lr["otr_sampled"]
+        for seed in seeds:
+            for m in ABLATIONS:
+                one(m, lr, seed, "ablation")
+    return {
+        "scale": "1: tiny Llama from scratch, CPU",
+        "model": {"params": n_params, "layers": 4, "hidden": 128, "vocab": VOCAB},
+        "config": {k: v for k, v in cfg.items()},
+        "base_model": {**base_eval, **base_info},
+        "best_lr": best_lr,
+        "sft_lr": sft_lr,
+        "runtime_s": round(time.perf_counter() - t_start, 1),
+        "runs": runs,
+    }
