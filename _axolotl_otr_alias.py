@@ -4,8 +4,10 @@ Axolotl's ``load_plugin`` splits a plugin name on its last dot, so a bare module
 fails with an unpacking error before any plugin code can run. The ``.pth`` file shipped
 with this package imports this module at interpreter start-up; it only registers an
 import hook that, when ``axolotl.integrations.base`` is first imported, wraps
-``load_plugin`` so that the exact name ``axolotl_otr`` means ``axolotl_otr.OTRPlugin``.
-Every other name goes to Axolotl unchanged. Standard library only, and it never raises:
+``PluginManager.register`` so that the exact name ``axolotl_otr`` is registered as
+``axolotl_otr.OTRPlugin`` (one canonical name, so both spellings, or the spelling plus
+an entry point, never register the plugin twice). Every other name goes to Axolotl
+unchanged. Standard library only, and it never raises:
 a failure here must not break Python start-up.
 """
 
@@ -18,18 +20,21 @@ SHORT_NAMES = {"axolotl_otr": "axolotl_otr.OTRPlugin"}
 TARGET_MODULE = "axolotl.integrations.base"
 
 
-def patch_load_plugin(module) -> None:
-    """Wrap ``module.load_plugin`` so short names resolve (idempotent)."""
-    original = getattr(module, "load_plugin", None)
+def patch_plugin_manager(module) -> None:
+    """Wrap ``module.PluginManager.register`` so short names resolve (idempotent)."""
+    manager = getattr(module, "PluginManager", None)
+    original = getattr(manager, "register", None)
     if original is None or getattr(original, "_otr_short_names", False):
         return
 
-    def load_plugin(plugin_name, *args, **kwargs):
-        return original(SHORT_NAMES.get(plugin_name, plugin_name), *args, **kwargs)
+    def register(self, plugin_name, *args, **kwargs):
+        if isinstance(plugin_name, str):
+            plugin_name = SHORT_NAMES.get(plugin_name, plugin_name)
+        return original(self, plugin_name, *args, **kwargs)
 
-    load_plugin._otr_short_names = True
-    load_plugin.__doc__ = original.__doc__
-    module.load_plugin = load_plugin
+    register._otr_short_names = True
+    register.__doc__ = original.__doc__
+    manager.register = register
 
 
 class _PatchingLoader(importlib.abc.Loader):
@@ -42,7 +47,7 @@ class _PatchingLoader(importlib.abc.Loader):
     def exec_module(self, module) -> None:
         self._loader.exec_module(module)
         try:
-            patch_load_plugin(module)
+            patch_plugin_manager(module)
         except Exception:  # noqa: BLE001 - never break the import of Axolotl itself
             pass
 
@@ -66,7 +71,7 @@ def install() -> None:
     try:
         module = sys.modules.get(TARGET_MODULE)
         if module is not None:
-            patch_load_plugin(module)
+            patch_plugin_manager(module)
         elif not any(isinstance(f, _Finder) for f in sys.meta_path):
             sys.meta_path.insert(0, _Finder())
     except Exception:  # noqa: BLE001

@@ -1,0 +1,64 @@
+# The two commands of the README: `make demo` (an OTR fine-tune of the tiny offline
+# default through `axolotl train`, on CPU) and `make test`. Each creates .venv through
+# the idempotent `make setup` when it is missing.
+#
+# torch is pinned here, for the CPU dev/CI path only (this machine serves torch 2.13.0
+# CPU from disk; an unpinned torch would pull a multi-GB CUDA build). Install torch
+# before Axolotl, or Axolotl's requirements pull a CUDA torch.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+AXOLOTL_VERSION ?= 0.19.0
+
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP_DEPS := $(VENV)/.deps-$(AXOLOTL_VERSION)
+STAMP_PKG := $(VENV)/.otr-installed
+PKG_SOURCES := pyproject.toml _axolotl_otr_alias.py axolotl_otr_alias.pth $(wildcard axolotl_otr/*.py)
+
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export AXOLOTL_DO_NOT_TRACK := 1
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(STAMP_PKG)
+
+$(STAMP_DEPS):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q axolotl==$(AXOLOTL_VERSION) "pytest>=8" "ruff>=0.5"
+	touch $@
+
+# The package is installed as users get it (a wheel, with the .pth that lets Axolotl
+# accept `plugins: [axolotl_otr]`), and reinstalled whenever its sources change.
+$(STAMP_PKG): $(STAMP_DEPS) $(PKG_SOURCES)
+	$(PIP) install -q --no-deps --force-reinstall .
+	touch $@
+
+demo: setup
+	$(PY) examples/tiny/build_tiny.py --out .cache/tiny
+	mkdir -p outputs
+	axolotl train examples/configs/tiny-cpu-lora.yml 2>&1 | tee outputs/tiny-cpu-lora.log
+	$(PY) examples/tiny/summarize_run.py outputs/tiny-cpu-lora.log
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not integration"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: setup
+	$(PY) bench/loss_speed.py
+	$(PY) bench/step_time.py
+
+clean:
+	rm -rf .cache outputs

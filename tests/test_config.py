@@ -1,0 +1,134 @@
+"""The plugin's config keys: defaults, bounds, messages, and Axolotl's own loading."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import write_config
+from pydantic import ValidationError
+
+from axolotl_otr.args import CONFLICTING_OPTIONS, OTRArgs
+from axolotl_otr.trainer_hook import OTRSettings
+
+
+def test_defaults_are_the_documented_ones():
+    args = OTRArgs()
+    assert args.otr is None
+    assert args.otr_num_samples == 256
+    assert args.otr_temperature == 1.3
+    assert args.otr_beta == -0.1
+    assert args.otr_estimator == "sampled"
+    assert args.otr_normalization == "token"
+    assert args.otr_objective == "otr"
+
+
+@pytest.mark.parametrize(
+    "key,value,expected",
+    [
+        ("otr_num_samples", 0, "[1, "),
+        ("otr_num_samples", 1 << 21, "[1, "),
+        ("otr_num_samples", True, "integer"),
+        ("otr_num_samples", "many", "integer"),
+        ("otr_temperature", 0, "(0, 100"),
+        ("otr_temperature", -1.3, "(0, 100"),
+        ("otr_temperature", 101, "(0, 100"),
+        ("otr_temperature", math.nan, "(0, 100"),
+        ("otr_beta", 1.0, "[-1.0, 1)"),
+        ("otr_beta", -2, "[-1.0, 1)"),
+        ("otr_beta", math.inf, "[-1.0, 1)"),
+        ("otr_estimator", "greedy", "'sampled' or 'exact'"),
+        ("otr_normalization", "batch", "'token' or 'sequence'"),
+        ("otr_objective", "ppo", "'otr', 'dft' or 'sft'"),
+        ("otr_chunk_size", 0, "positive"),
+    ],
+)
+def test_every_bad_value_names_the_key_and_range(key, value, expected):
+    with pytest.raises(ValidationError) as info:
+        OTRArgs(**{key: value})
+    text = str(info.value)
+    assert key in text
+    assert expected in text
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("otr_num_samples", 1),
+        ("otr_num_samples", 1 << 20),
+        ("otr_temperature", 100.0),
+        ("otr_temperature", 1e-3),
+        ("otr_beta", -1.0),
+        ("otr_beta", 0.99),
+    ],
+)
+def test_bounds_are_inclusive_where_documented(key, value):
+    assert getattr(OTRArgs(**{key: value}), key) == value
+
+
+@pytest.mark.parametrize("option", sorted(CONFLICTING_OPTIONS))
+def test_loss_replacing_options_are_refused_with_otr(option):
+    with pytest.raises(ValidationError, match=f"cannot be combined with {option}"):
+        OTRArgs(otr=True, **{option: True})
+    OTRArgs(otr=False, **{option: True})  # without OTR nothing is refused
+
+
+def test_settings_read_from_a_config_fall_back_to_defaults_and_seed():
+    settings = OTRSettings.from_cfg({"otr": True, "seed": 7, "otr_beta": -0.3})
+    assert settings.objective.beta == -0.3
+    assert settings.objective.num_samples == 256
+    assert settings.seed == 7
+    assert OTRSettings.from_cfg({"otr": True, "seed": 7, "otr_seed": 9}).seed == 9
+
+
+# ---- through Axolotl's own config loading (the path `axolotl train` takes) ------------
+
+
+@pytest.fixture
+def load_cfg():
+    from axolotl.cli.config import load_cfg as axolotl_load_cfg
+
+    return axolotl_load_cfg
+
+
+@pytest.mark.parametrize("spelling", ["axolotl_otr.OTRPlugin", "axolotl_otr"])
+def test_both_plugin_spellings_load_through_axolotl(load_cfg, tiny_config, tmp_path, spelling):
+    cfg = load_cfg(str(write_config(tiny_config(plugins=[spelling]), tmp_path / "c.yml")))
+    assert cfg.otr is True
+    assert cfg.otr_num_samples == 256
+    assert cfg.otr_temperature == 1.3
+    from axolotl.integrations.base import PluginManager
+
+    plugins = PluginManager.get_instance().plugins
+    assert "axolotl_otr.OTRPlugin" in plugins
+    assert "axolotl_otr" not in plugins  # one canonical registration, never two
+
+
+def test_bad_value_fails_at_axolotl_config_load(load_cfg, tiny_config, tmp_path):
+    path = write_config(tiny_config(otr_temperature=0), tmp_path / "c.yml")
+    with pytest.raises(ValidationError, match="otr_temperature must be in"):
+        load_cfg(str(path))
+
+
+def test_conflicting_loss_option_fails_at_axolotl_config_load(load_cfg, tiny_config, tmp_path):
+    path = write_config(tiny_config(use_eaft=True), tmp_path / "c.yml")
+    with pytest.raises(ValidationError, match="cannot be combined with use_eaft"):
+        load_cfg(str(path))
+
+
+def test_plugin_is_inert_without_otr():
+    from transformers import Trainer
+
+    from axolotl_otr import OTRPlugin
+
+    class Stub:
+        compute_loss_func = None
+        compute_loss = Trainer.compute_loss
+        log = Trainer.log
+
+    trainer = Stub()
+    before = dict(vars(trainer))
+    for cfg in ({"otr": False}, {}, {"otr": None}):
+        OTRPlugin().post_trainer_create(cfg, trainer)
+    assert dict(vars(trainer)) == before
+    assert trainer.compute_loss_func is None
