@@ -12,16 +12,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "generalization" / "run.py"
 
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", AXOLOTL_DO_NOT_TRACK="1",
-               BENCH_THREADS="1")
+    env.update(
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", AXOLOTL_DO_NOT_TRACK="1", BENCH_THREADS="1"
+    )
     return env
 
 
@@ -38,9 +37,22 @@ def _check(path: Path, methods: set[str]) -> None:
 
 def test_generalization_quick_scale1(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--scale", "1", "--out", str(tmp_path),
-         "--workdir", str(tmp_path / "work")],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--quick",
+            "--scale",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _check(tmp_path / "generalization.json", {"sft", "dft", "otr_sampled", "otr_exact"})

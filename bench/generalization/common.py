@@ -12,8 +12,9 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -140,9 +141,7 @@ def train(
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    trainer = Trainer(
-        model=model, args=args, train_dataset=train_dataset, data_collator=collator
-    )
+    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the curve and the JSON keep the logs

@@ -9,8 +9,12 @@ import sys
 import numpy as np
 
 MAIN = ["sft", "dft", "otr_sampled", "otr_exact"]
-COLORS = {"sft": "tab:blue", "dft": "tab:orange", "otr_sampled": "tab:green",
-          "otr_exact": "tab:red"}
+COLORS = {
+    "sft": "tab:blue",
+    "dft": "tab:orange",
+    "otr_sampled": "tab:green",
+    "otr_exact": "tab:red",
+}
 METRICS = ["in_domain", "ood", "retention"]
 
 
@@ -32,8 +36,15 @@ def _bars(ax, runs, setting, title):
             continue
         vals = np.array([[r[k] for k in METRICS] for r in items])
         err = vals.std(0, ddof=1) if len(items) > 1 else np.zeros(len(METRICS))
-        ax.bar(x + (i - 1.5) * width, vals.mean(0), width, yerr=err, capsize=2,
-               color=COLORS[m], label=m)
+        ax.bar(
+            x + (i - 1.5) * width,
+            vals.mean(0),
+            width,
+            yerr=err,
+            capsize=2,
+            color=COLORS[m],
+            label=m,
+        )
     ax.set_xticks(x, METRICS)
     ax.set_ylim(0, 1.05)
     ax.set_title(title, fontsize=9)
@@ -60,8 +71,9 @@ def plot(out_dir: str) -> str:
                 steps, mean, std = c
                 ax.plot(steps, mean, color=COLORS[m], label=m)
                 ax.fill_between(steps, mean - std, mean + std, color=COLORS[m], alpha=0.15)
-            ax.set_title(f"scale 1: {metric} vs step (own best LR, mean ± std, {n} seeds)",
-                         fontsize=9)
+            ax.set_title(
+                f"scale 1: {metric} vs step (own best LR, mean ± std, {n} seeds)", fontsize=9
+            )
             ax.set_xlabel("fine-tuning step")
             ax.set_ylim(0, 1.05)
         axes[0, 0].legend(fontsize=8)
@@ -74,8 +86,15 @@ def plot(out_dir: str) -> str:
         n = len({r["seed"] for r in runs if r["setting"] == "best_lr"})
         _bars(axes[1, 2], runs, "best_lr", f"scale 2 (SmolLM2-135M LoRA): own best LR, {n} seed(s)")
         base = d["base_model"]
-        axes[1, 2].scatter(np.arange(3), [base[k] for k in METRICS], marker="_", s=400,
-                           color="k", label="before FT", zorder=5)
+        axes[1, 2].scatter(
+            np.arange(3),
+            [base[k] for k in METRICS],
+            marker="_",
+            s=400,
+            color="k",
+            label="before FT",
+            zorder=5,
+        )
         axes[1, 2].legend(fontsize=7)
         _bars(axes[1, 3], runs, "sft_lr", "scale 2: all at SFT's best LR (seed 0)")
     fig.tight_layout()
@@ -86,5 +105,12 @@ def plot(out_dir: str) -> str:
 
 
 if __name__ == "__main__":
-    print(plot(sys.argv[1] if len(sys.argv) > 1 else os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")))
+    print(
+        plot(
+            sys.argv[1]
+            if len(sys.argv) > 1
+            else os.path.join(
+                os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results"
+            )
+        )
+    )

@@ -1,8 +1,8 @@
 """One command for the whole generalization benchmark (see README.md beside this file).
 
-    python bench/generalization/run.py            # scale 1 + scale 2, full (~70 min, 1 CPU thread)
-    python bench/generalization/run.py --quick    # CI smoke test: scale 1 pipeline, < 60 s
-    python bench/generalization/run.py --scale 1  # one scale only
+python bench/generalization/run.py            # scale 1 + scale 2, full (~70 min, 1 CPU thread)
+python bench/generalization/run.py --quick    # CI smoke test: scale 1 pipeline, < 60 s
+python bench/generalization/run.py --scale 1  # one scale only
 """
 
 from __future__ import annotations
@@ -42,17 +42,24 @@ def check(payload: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny smoke run; asserts only")
-    ap.add_argument("--scale", choices=["1", "2", "all"], default=None,
-                    help="default: all (full) / 1 (quick)")
-    ap.add_argument("--out", default=None, help="results folder (default bench/results; "
-                    "--quick: a temporary folder)")
+    ap.add_argument(
+        "--scale", choices=["1", "2", "all"], default=None, help="default: all (full) / 1 (quick)"
+    )
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="results folder (default bench/results; --quick: a temporary folder)",
+    )
     ap.add_argument("--workdir", default=os.path.join(ROOT, ".cache", "generalization"))
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
     common.set_threads()
     scale = args.scale or ("1" if args.quick else "all")
-    out = args.out or (tempfile.mkdtemp(prefix="otr_gen_") if args.quick
-                       else os.path.join(ROOT, "bench", "results"))
+    out = args.out or (
+        tempfile.mkdtemp(prefix="otr_gen_")
+        if args.quick
+        else os.path.join(ROOT, "bench", "results")
+    )
     workdir = args.workdir + ("_quick" if args.quick else "")
     os.makedirs(workdir, exist_ok=True)
     t0 = time.perf_counter()

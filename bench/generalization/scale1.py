@@ -7,9 +7,9 @@ Base skills (pre-training, one base model shared by all fine-tuning seeds):
   rev   "R40521="  -> "12504"       reverse a digit string of 3-7 digits
   copy  "C40521="  -> "40521"       copy a digit string of 3-7 digits
 Target skill (fine-tuning), a three-term sum with its working written out:
-  in-domain  "12+7+45="     -> "19,64"      terms 1-99
-  OOD        "123+210+301=" -> "333,634"    terms 100-333 (3-digit terms; every partial
-             sum is a <=3-digit addition the base model knows, the format is new there)
+  in-domain  "12+7+45="     -> "12+7=19,19+45=64"            terms 1-99
+  OOD        "123+210+301=" -> "123+210=333,333+301=634"     terms 100-333 (every step is
+             a <=3-digit addition in the base skill's own format; only the chaining is new)
 Metrics (greedy decoding, exact match of the final number for the target, of the whole
 answer for base skills): in_domain, ood, retention (mean over add/rev/copy).
 """
@@ -23,7 +23,6 @@ import time
 from typing import Any
 
 import torch
-
 from common import ABLATIONS, METHODS, at_wall_time, train
 
 CHARS = "0123456789+=,RC"
@@ -31,7 +30,7 @@ PAD, BOS, EOS = 0, 1, 2
 STOI = {c: i + 3 for i, c in enumerate(CHARS)}
 ITOS = {i: c for c, i in STOI.items()}
 VOCAB = 3 + len(CHARS)
-MAX_LEN = 32
+MAX_LEN = 48
 
 
 def encode(text: str) -> list[int]:
@@ -74,7 +73,7 @@ def gen_copy(rng):
 
 def gen_chain(rng, lo=1, hi=99):
     a, b, c = (rng.randint(lo, hi) for _ in range(3))
-    return f"{a}+{b}+{c}=", f"{a + b},{a + b + c}"
+    return f"{a}+{b}+{c}=", f"{a}+{b}={a + b},{a + b}+{c}={a + b + c}"
 
 
 def gen_chain_ood(rng):
@@ -167,9 +166,11 @@ def greedy(model, prompts: list[str], max_new: int = 9, batch: int = 512) -> lis
 
 
 def accuracy(model, items, final_only: bool) -> float:
-    preds = greedy(model, [p for p, _ in items])
-    if final_only:
-        ok = [pr.split(",")[-1] == a.split(",")[-1] and pr != "" for pr, (_, a) in zip(preds, items)]
+    preds = greedy(model, [p for p, _ in items], max_new=max(len(a) for _, a in items) + 2)
+    if final_only:  # the number after the last "=" is the final answer
+        ok = [
+            pr.split("=")[-1] == a.split("=")[-1] and pr != "" for pr, (_, a) in zip(preds, items)
+        ]
     else:
         ok = [pr == a for pr, (_, a) in zip(preds, items)]
     return sum(ok) / max(1, len(ok))
@@ -201,8 +202,10 @@ def pretrain_base(cfg: dict, log) -> tuple[Any, dict]:
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
-        lambda s: min(1.0, (s + 1) / warm)
-        * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(s / steps * 3.14159)).item())),
+        lambda s: (
+            min(1.0, (s + 1) / warm)
+            * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(s / steps * 3.14159)).item()))
+        ),
     )
     gens = list(BASE_TASKS.values())
     t0 = time.perf_counter()
@@ -223,17 +226,17 @@ def pretrain_base(cfg: dict, log) -> tuple[Any, dict]:
 
 # ---- experiment ---------------------------------------------------------------------
 FULL = dict(
-    base_steps=1200,
+    base_steps=2000,
     base_batch=128,
     base_lr=3e-3,
     n_val=150,
-    n_test=250,
-    n_ood=250,
+    n_test=200,
+    n_ood=200,
     n_ret=100,
     steps=300,
     batch=32,
     warmup=15,
-    eval_every=50,
+    eval_every=60,
     lr_grid=[1e-4, 3e-4, 1e-3, 3e-3],
     seeds=[0, 1, 2],
     ablations=True,
@@ -348,7 +351,9 @@ def run(quick: bool, workdir: str, log) -> dict:
     seeds = cfg["seeds"]
     best_lr = {}
     for m in METHODS:
-        scores = [(one(m, lr, seeds[0], "sweep")["val_in_domain"], -lr, lr) for lr in cfg["lr_grid"]]
+        scores = [
+            (one(m, lr, seeds[0], "sweep")["val_in_domain"], -lr, lr) for lr in cfg["lr_grid"]
+        ]
         best_lr[m.name] = max(scores)[2]  # ties go to the smaller LR
     log(f"  best LR per method (val, seed {seeds[0]}): {best_lr}")
     sft_lr = best_lr["sft"]
@@ -362,12 +367,14 @@ def run(quick: bool, workdir: str, log) -> dict:
     # 3. Equal wall time: each best-LR curve read at SFT's training time of that seed.
     for seed in seeds:
         budget = next(
-            r["train_time_s"] for r in runs if r["setting"] == "best_lr" and r["method"] == "sft"
-            and r["seed"] == seed
+            r["train_time_s"]
+            for r in runs
+            if r["setting"] == "best_lr" and r["method"] == "sft" and r["seed"] == seed
         )
         for m in METHODS:
             src = next(
-                r for r in runs
+                r
+                for r in runs
                 if r["setting"] == "best_lr" and r["method"] == m.name and r["seed"] == seed
             )
             p = at_wall_time(src["curve"], budget)
