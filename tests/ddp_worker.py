@@ -1,0 +1,42 @@
+"""One OTR training step under torch.distributed (gloo, CPU), launched by torchrun.
+
+Usage: python -m torch.distributed.run --nproc_per_node N tests/ddp_worker.py MODEL OUT
+        MICRO_BATCH ACCUMULATION NORMALIZATION
+Rank 0 saves the gradients it holds just before the optimizer step (after DDP's
+all-reduce) and the logged metrics to OUT.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from trainer_setup import build_trainer, make_examples  # noqa: E402
+
+from axolotl_otr.objective import Objective  # noqa: E402
+from axolotl_otr.trainer_hook import OTRSettings  # noqa: E402
+
+
+def main() -> None:
+    model, out, micro_batch, accumulation, normalization = sys.argv[1:6]
+    settings = OTRSettings(Objective(estimator="exact"), normalization=normalization)
+    trainer, grads, logs = build_trainer(
+        model,
+        Path(out).parent / "trainer",
+        make_examples(8, 512),
+        micro_batch=int(micro_batch),
+        accumulation=int(accumulation),
+        settings=settings,
+    )
+    trainer.train()
+    if trainer.args.process_index == 0:
+        torch.save(
+            {"grads": grads.grads[0], "logs": logs.logs, "world": trainer.args.world_size}, out
+        )
+
+
+if __name__ == "__main__":
+    main()
