@@ -15,6 +15,9 @@ AXOLOTL_VERSION ?= 0.19.0
 
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
+# This machine's pip configuration prints one warning per package about local index
+# folders it cannot find; drop those lines, keep everything else pip says.
+QUIET_PIP := 2>&1 | sed '/^WARNING: Location .* is ignored/d'
 STAMP_DEPS := $(VENV)/.deps-$(AXOLOTL_VERSION)
 STAMP_PKG := $(VENV)/.otr-installed
 PKG_SOURCES := pyproject.toml _axolotl_otr_alias.py axolotl_otr_alias.pth $(wildcard axolotl_otr/*.py)
@@ -24,20 +27,20 @@ export HF_DATASETS_OFFLINE := 1
 export AXOLOTL_DO_NOT_TRACK := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench gpu-check clean
 
 setup: $(STAMP_PKG)
 
 $(STAMP_DEPS):
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q axolotl==$(AXOLOTL_VERSION) "pytest>=8" "ruff>=0.5"
+	$(PIP) install -q torch==$(TORCH_VERSION) $(QUIET_PIP)
+	$(PIP) install -q axolotl==$(AXOLOTL_VERSION) "pytest>=8" "ruff>=0.5" $(QUIET_PIP)
 	touch $@
 
 # The package is installed as users get it (a wheel, with the .pth that lets Axolotl
 # accept `plugins: [axolotl_otr]`), and reinstalled whenever its sources change.
 $(STAMP_PKG): $(STAMP_DEPS) $(PKG_SOURCES)
-	$(PIP) install -q --no-deps --force-reinstall .
+	$(PIP) install -q --no-deps --force-reinstall . $(QUIET_PIP)
 	touch $@
 
 demo: setup
@@ -59,6 +62,10 @@ lint: setup
 bench: setup
 	$(PY) bench/loss_speed.py
 	$(PY) bench/step_time.py
+
+# On a machine with a CUDA GPU and a CUDA torch already installed (not the CPU .venv).
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf .cache outputs

@@ -61,10 +61,16 @@ def build_trainer(
     accumulation: int,
     settings: OTRSettings | None = None,
     eval_examples=None,
+    model_kwargs: dict | None = None,
+    wrap_model=None,
+    data_collator=None,
     **arg_overrides,
 ):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model_kwargs = {"torch_dtype": torch.float32, **(model_kwargs or {})}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **model_kwargs)
+    if wrap_model is not None:
+        model = wrap_model(model)
     defaults = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=micro_batch,
@@ -88,6 +94,7 @@ def build_trainer(
         args=TrainingArguments(**defaults),
         train_dataset=examples,
         eval_dataset=eval_examples,
+        data_collator=data_collator,
     )
     install_otr(trainer, settings or OTRSettings(Objective(estimator="exact")))
     grads, logs = GradRecorder(), LogRecorder()
