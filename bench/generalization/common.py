@@ -176,9 +176,10 @@ def summarize(runs: list[dict[str, Any]], keys=("in_domain", "ood", "retention")
     """Mean and sample std over seeds, grouped by (setting, method)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for run in runs:
-        groups.setdefault((run.get("setting", ""), run["method"]), []).append(run)
+        lr = run.get("lr") if run.get("setting") == "sweep" else None  # sweep: one row per LR
+        groups.setdefault((run.get("setting", ""), run["method"], lr), []).append(run)
     rows = []
-    for (setting, method), items in groups.items():
+    for (setting, method, _), items in groups.items():
         row = {"setting": setting, "method": method, "n_seeds": len(items)}
         row["lr"] = sorted({r.get("lr") for r in items})
         for key in keys + ("train_time_s", "steps"):

@@ -39,6 +39,17 @@ def check(payload: dict) -> None:
             assert isinstance(v, float | int) and math.isfinite(v) and 0.0 <= v <= 1.0, (key, r)
 
 
+def _tables(out: str, name: str, payload: dict) -> None:
+    """Markdown tables of the summary (mean ± sample std over seeds), next to the JSON."""
+    text = [f"# {payload['scale']}", "", f"best LR per method (validation, seed 0): "
+            f"{payload['best_lr']}; runtime {payload['runtime_s']} s", "",
+            "base model before fine-tuning: " + ", ".join(
+                f"{k}={v}" for k, v in payload["base_model"].items()), "",
+            common.table(payload["summary"]), ""]
+    with open(os.path.join(out, f"{name}_tables.md"), "w") as f:
+        f.write("\n".join(text))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny smoke run; asserts only")
@@ -52,6 +63,8 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--workdir", default=os.path.join(ROOT, ".cache", "generalization"))
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--report-only", action="store_true",
+                    help="recompute summaries, tables and the plot from the JSON in --out")
     args = ap.parse_args(argv)
     common.set_threads()
     scale = args.scale or ("1" if args.quick else "all")
@@ -64,6 +77,22 @@ def main(argv=None) -> int:
     os.makedirs(workdir, exist_ok=True)
     t0 = time.perf_counter()
     written = []
+    if args.report_only:
+        import json
+
+        import plot
+
+        for name in ("generalization", "real_model"):
+            path = os.path.join(out, f"{name}.json")
+            if os.path.exists(path):
+                payload = json.load(open(path))
+                payload["summary"] = common.summarize(payload["runs"])
+                check(payload)
+                common.write_json(path, payload)
+                _tables(out, name, payload)
+                log(f"{name}:\n" + common.table(payload["summary"]))
+        log(f"wrote {plot.plot(out)}")
+        return 0
     if scale in ("1", "all"):
         import scale1
 
@@ -74,6 +103,7 @@ def main(argv=None) -> int:
         common.write_json(path, payload)
         written.append(path)
         log("scale 1 summary (mean ± std over seeds):\n" + common.table(payload["summary"]))
+        _tables(out, "generalization", payload)
     if scale in ("2", "all"):
         import scale2
 
@@ -84,6 +114,7 @@ def main(argv=None) -> int:
         common.write_json(path, payload)
         written.append(path)
         log("scale 2 summary:\n" + common.table(payload["summary"]))
+        _tables(out, "real_model", payload)
     if not args.no_plot and not args.quick:
         import plot
 

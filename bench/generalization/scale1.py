@@ -11,7 +11,8 @@ Target skill (fine-tuning), a three-term sum with its working written out:
   OOD        "123+210+301=" -> "123+210=333,333+301=634"     terms 100-333 (every step is
              a <=3-digit addition in the base skill's own format; only the chaining is new)
 Metrics (greedy decoding, exact match of the final number for the target, of the whole
-answer for base skills): in_domain, ood, retention (mean over add/rev/copy).
+answer for base skills): in_domain, ood, retention (mean over add/rev/copy), and a second
+OOD variant ood_steps: four terms of 1-99 (one step more, the working written the same way).
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ def gen_chain(rng, lo=1, hi=99):
 
 def gen_chain_ood(rng):
     return gen_chain(rng, 100, 333)
+
+
+def gen_chain4(rng):
+    """Second OOD variant: one step more (four terms of 1-99)."""
+    a, b, c, d = (rng.randint(1, 99) for _ in range(4))
+    return f"{a}+{b}+{c}+{d}=", f"{a}+{b}={a + b},{a + b}+{c}={a + b + c},{a + b + c}+{d}={a + b + c + d}"
 
 
 BASE_TASKS = {"add": gen_add, "rev": gen_rev, "copy": gen_copy}
@@ -149,17 +156,23 @@ def greedy(model, prompts: list[str], max_new: int = 9, batch: int = 512) -> lis
             mask[i, n - len(c) :] = 1
         done = torch.zeros(len(chunk), dtype=torch.bool)
         gen = []
-        for _ in range(max_new):
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
-            nxt = logits.argmax(-1)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cur, past = ids, None
+        for _ in range(max_new):  # KV cache: one new token per step
+            out = model(
+                input_ids=cur, attention_mask=mask, position_ids=pos, past_key_values=past,
+                use_cache=True,
+            )
+            past = out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, EOS), nxt)
             gen.append(nxt)
             done |= nxt == EOS
-            ids = torch.cat([ids, nxt[:, None]], 1)
-            mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
             if done.all():
                 break
+            cur = nxt[:, None]
+            mask = torch.cat([mask, torch.ones_like(cur)], 1)
+            pos = pos[:, -1:] + 1
         gen = torch.stack(gen, 1).tolist()
         outs.extend(decode(g) for g in gen)
     return outs
@@ -182,6 +195,7 @@ def evaluator(sets: dict[str, list]):
             "val_in_domain": accuracy(model, sets["val"], True),
             "in_domain": accuracy(model, sets["test"], True),
             "ood": accuracy(model, sets["ood"], True),
+            "ood_steps": accuracy(model, sets["ood_steps"], True),
         }
         for name in BASE_TASKS:
             out[f"retention_{name}"] = accuracy(model, sets[name], False)
@@ -266,6 +280,7 @@ def run(quick: bool, workdir: str, log) -> dict:
     sets["test"] = unique_set(gen_chain, cfg["n_test"], 102, {p for p, _ in sets["val"]})
     held = {p for p, _ in sets["val"] + sets["test"]}
     sets["ood"] = unique_set(gen_chain_ood, cfg["n_ood"], 103)
+    sets["ood_steps"] = unique_set(gen_chain4, cfg["n_ood"], 104)
     for i, name in enumerate(BASE_TASKS):
         sets[name] = unique_set(BASE_TASKS[name], cfg["n_ret"], 200 + i)
     evaluate = evaluator(sets)

