@@ -11,11 +11,18 @@ Every objective this package offers is a weighted negative log-likelihood
 so its logit gradient is ``(sum_a w_a) * pi - w``. This module computes the loss and
 that gradient for one chunk of positions in a single pass, on fp32 logits, without ever
 building anything of shape [positions, K, vocab].
+
+Speed notes (measured with ``bench/loss_speed.py``): the loss is memory-bound, so every
+[n, V] pass counts. The chunk's buffers come from a ``Workspace`` that the caller reuses
+across chunks (a fresh multi-megabyte tensor per chunk costs page faults that were the
+biggest single cost on CPU), the gradient is built in the softmax's own buffer (which may
+be the caller's final gradient storage), softmax normalizations are folded into per-row
+factors instead of a division pass, and the sampler gets unnormalized weights.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,29 +41,52 @@ class ChunkResult:
     stats: torch.Tensor  # [len(STAT_NAMES)] fp32 sums
 
 
-def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot product of two [n, V] tensors without an [n, V] temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+@dataclass
+class Workspace:
+    """Reusable fp32 scratch buffers, one per name, grown on demand.
+
+    Chunks of one loss call have the same shape, so after the first chunk no [n, V]
+    tensor is allocated any more: fresh large allocations are returned to the OS on
+    free and page-faulted back in on the next chunk, which cost more than the math.
+    """
+
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def take(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """A contiguous fp32 buffer of ``like``'s 2-D shape and device (contents undefined)."""
+        return self.take_shape(name, like.shape[0], like.shape[1], like.device)
+
+    def take_shape(self, name: str, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+        """A contiguous fp32 [rows, cols] buffer on ``device`` (contents undefined)."""
+        shape = (rows, cols)
+        numel = rows * cols
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.device != device:
+            buf = torch.empty(numel, dtype=torch.float32, device=device)
+            self.buffers[name] = buf
+        return buf[:numel].view(shape)
+
+
+def rowdot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product of two [n, V] tensors, using ``scratch`` for the product.
+
+    A multiply into a reused buffer then a sum is two cache-resident passes;
+    ``torch.bmm`` of [n, 1, V] x [n, V, 1] was 10-50x slower on CPU.
+    """
+    return torch.mul(a, b, out=scratch).sum(-1)
 
 
 def sample_tokens(
     probs: torch.Tensor, num_samples: int, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """[n, K] token ids drawn with replacement from each row of ``probs`` [n, V]."""
+    """[n, K] token ids drawn with replacement from each row of ``probs`` [n, V].
+
+    ``probs`` are non-negative weights; rows need not sum to 1. ``torch.multinomial``
+    (one CDF per row, then a binary search per draw: O(V + K log V), no [n, K, V]) was
+    as fast as an inverse-CDF ``cumsum`` + ``searchsorted`` at full size on CPU, and
+    unlike ``searchsorted`` it does not spawn threads for tiny inputs.
+    """
     return torch.multinomial(probs, num_samples, replacement=True, generator=generator)
-
-
-def _softmax_from_max(z: torch.Tensor, row_max: torch.Tensor, temperature: float):
-    """softmax(z / temperature) and its log-normalizer, reusing the rows' max of z."""
-    if temperature == 1.0:
-        probs = torch.sub(z, row_max)
-    else:
-        probs = torch.mul(z, 1.0 / temperature)
-        probs.sub_(row_max / temperature)
-    probs.exp_()
-    total = probs.sum(-1, keepdim=True)
-    probs.div_(total)
-    return probs, total.log_().add_(row_max / temperature)
 
 
 def weighted_nll_chunk(
@@ -66,6 +96,8 @@ def weighted_nll_chunk(
     objective: Objective,
     generator: torch.Generator | None = None,
     need_grad: bool = True,
+    out: torch.Tensor | None = None,
+    workspace: Workspace | None = None,
 ) -> ChunkResult:
     """Loss sum, logit gradient and statistics of one chunk.
 
@@ -76,7 +108,12 @@ def weighted_nll_chunk(
         objective: which weights to use.
         generator: RNG for the sampled estimator.
         need_grad: skip the gradient when only the value is wanted (evaluation).
+        out: optional contiguous [n, V] fp32 tensor that receives the gradient (e.g. a
+            slice of the caller's gradient of the whole batch), saving a copy.
+        workspace: reusable scratch buffers; pass the same one for every chunk. Without
+            ``out`` the returned gradient lives in it, valid until the next chunk.
     """
+    ws = workspace if workspace is not None else Workspace()
     y = targets.unsqueeze(1)
     row_max = z.amax(-1, keepdim=True)
     if not torch.isfinite(row_max).all():
@@ -84,12 +121,20 @@ def weighted_nll_chunk(
             "OTR loss: the logits contain NaN or Inf; the model's forward pass diverged "
             "(check the learning rate, the data, or fp16 overflow)."
         )
-    pi, lse = _softmax_from_max(z, row_max, 1.0)
+    # exp(z - max), left unnormalized: 1 / sum is folded into the per-row factors below,
+    # which saves a division pass. (torch.softmax and max-with-indices would save a pass
+    # too, but they spawn threads even for tiny rows, which costs milliseconds per call
+    # on a busy CPU.)
+    pi = torch.sub(z, row_max, out=out if out is not None else ws.take("pi", z)).exp_()
+    inv_sum = pi.sum(-1, keepdim=True).reciprocal_()
+    lse = row_max - inv_sum.log()
     logp_y = z.gather(1, y).sub_(lse).view(-1)
     p_y = logp_y.exp()
-    entropy = lse.view(-1) - rowdot(pi, z)
+    product = ws.take("product", z)
+    entropy = lse.view(-1) - rowdot(pi, z, product) * inv_sum.view(-1)
 
-    dense_beta = None  # rollout probabilities that enter w with weight beta (exact OTR)
+    dense_beta = None  # exp((z - max) / kappa), entering w with weight beta (exact OTR)
+    dense_factor = None  # its per-row factor in the gradient
     draws = None
     if objective.objective == "sft":
         target_weight = torch.ones_like(p_y)
@@ -103,26 +148,34 @@ def weighted_nll_chunk(
         hit = p_y
     else:
         beta = objective.beta
-        if objective.temperature == 1.0:
-            rollout = pi
+        kappa = objective.temperature
+        if kappa == 1.0:
+            rollout, inv_rollout_sum = pi, inv_sum
         else:
-            rollout, _ = _softmax_from_max(z, row_max, objective.temperature)
+            # exp((z - max) / kappa) in one pass: -max / kappa + z / kappa.
+            shift = row_max * (-1.0 / kappa)
+            rollout = torch.add(shift, z, alpha=1.0 / kappa, out=ws.take("rollout", z)).exp_()
+            inv_rollout_sum = None
         if objective.estimator == "exact":
-            hit = rollout.gather(1, y).view(-1)
+            if inv_rollout_sum is None:
+                inv_rollout_sum = rollout.sum(-1, keepdim=True).reciprocal_()
+            hit = rollout.gather(1, y).mul_(inv_rollout_sum).view(-1)
             target_weight = (1.0 - beta) * hit
             total_weight = beta + target_weight
-            mean_logp = rowdot(rollout, z) - lse.view(-1)  # E_{pi'}[log pi]
+            # E_{pi'}[log pi]
+            mean_logp = rowdot(rollout, z, product) * inv_rollout_sum.view(-1) - lse.view(-1)
             loss_t = -(beta * mean_logp + target_weight * logp_y)
             dense_beta = rollout
+            dense_factor = inv_rollout_sum.view(-1)
         else:
             k = objective.num_samples
+            # The sampler normalizes by the CDF: unnormalized weights are enough.
             draws = sample_tokens(rollout, k, generator)
             hit = (draws == y).sum(1).to(z.dtype) / k
             target_weight = (1.0 - beta) * hit
             total_weight = beta + target_weight
             mean_logp = z.gather(1, draws).mean(1) - lse.view(-1)  # mean_k log pi(a_k)
             loss_t = -(beta * mean_logp + target_weight * logp_y)
-        del rollout
 
     stats = torch.stack(
         [
@@ -137,14 +190,15 @@ def weighted_nll_chunk(
     if not need_grad:
         return ChunkResult(loss=loss, grad=None, stats=stats)
 
-    # grad = scale * (total_weight * pi - w), built in place in pi's buffer.
+    # grad = scale * (total_weight * pi - w), built in place in pi's buffer (which holds
+    # exp(z - max); inv_sum normalizes it).
     grad = pi
     if dense_beta is pi:  # kappa == 1: the beta * pi' term folds into the pi term
-        grad.mul_(((total_weight - objective.beta) * scale).unsqueeze(1))
+        grad.mul_(((total_weight - objective.beta) * scale).unsqueeze(1) * inv_sum)
     else:
-        grad.mul_((total_weight * scale).unsqueeze(1))
+        grad.mul_((total_weight * scale).unsqueeze(1) * inv_sum)
         if dense_beta is not None:
-            grad.sub_(dense_beta.mul_((objective.beta * scale).unsqueeze(1)))
+            grad.addcmul_(dense_beta, (-objective.beta * scale * dense_factor).unsqueeze(1))
     grad.scatter_add_(1, y, (-target_weight * scale).unsqueeze(1))
     if draws is not None:
         per_draw = (-objective.beta / objective.num_samples) * scale
