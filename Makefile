@@ -27,7 +27,7 @@ export HF_DATASETS_OFFLINE := 1
 export AXOLOTL_DO_NOT_TRACK := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-fast lint bench gpu-check clean
+.PHONY: setup demo test test-fast test-ax021 lint bench gpu-check clean
 
 setup: $(STAMP_PKG)
 
@@ -54,6 +54,13 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not integration"
+
+# The Axolotl-facing tests again, against Axolotl 0.21.0 in a second venv.
+AX021_TESTS := tests/test_config.py tests/test_axolotl_train.py tests/test_axolotl_compat.py \
+	tests/test_example_configs.py
+test-ax021:
+	bash .ci/setup-axolotl-0.21.sh .venv-ax021 $(QUIET_PIP)
+	.venv-ax021/bin/python -m pytest -q -ra $(AX021_TESTS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

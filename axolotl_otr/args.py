@@ -30,6 +30,8 @@ CONFLICTING_OPTIONS = {
     "chunked_cross_entropy": "chunked CE patches the model's CE, which OTR does not use; "
     "OTR already computes its loss chunk by chunk",
     "use_eaft": "EAFT installs its own loss function in the same trainer slot as OTR",
+    "use_dft": "Axolotl's DFT loss (0.21+) installs its own loss function in the same "
+    "trainer slot as OTR; run DFT through the plugin with otr_objective: dft",
     "orpo_alpha": "ORPO computes its own loss in the trainer",
     "rl": "preference/RL trainers (DPO, KTO, ORPO, GRPO...) have their own losses",
     "kd_trainer": "knowledge distillation has its own trainer loss",
