@@ -44,7 +44,7 @@ $(STAMP_PKG): $(STAMP_DEPS) $(PKG_SOURCES)
 	touch $@
 
 demo: setup
-	$(PY) examples/tiny/build_tiny.py --out .cache/tiny
+	$(PY) examples/tiny/build_tiny.py --out .cache/tiny --pretrain-steps 300
 	mkdir -p outputs
 	axolotl train examples/configs/tiny-cpu-lora.yml 2>&1 | tee outputs/tiny-cpu-lora.log
 	$(PY) examples/tiny/summarize_run.py outputs/tiny-cpu-lora.log

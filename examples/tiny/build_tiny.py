@@ -221,11 +221,46 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausal
     return model.to(torch.float32).eval()
 
 
-def _stamp(seed: int) -> dict[str, int]:
-    return {"version": BUILD_VERSION, "seed": seed}
+def pretrain(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    examples: list[Example],
+    steps: int,
+    seed: int,
+) -> list[float]:
+    """Warm the random model up with plain next-token CE on prompt+answer texts.
+
+    OTR, like DFT, weights each target by the probability the policy already gives it,
+    so it refines a pretrained model; from random weights (p(y) ~ 1/vocab) it barely
+    moves. The demo therefore starts from this briefly pre-trained "base model", trained
+    on examples other than the ones it is then fine-tuned on. Returns the losses.
+    """
+    import torch
+
+    texts = [
+        PROMPT_SCAFFOLD[0 if ex["input"] else 1].format(**ex) + EOS for ex in examples
+    ]
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(steps):
+        batch = tokenizer(rng.sample(texts, 16), return_tensors="pt", padding=True)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
 
 
-def is_complete(out: Path, seed: int) -> bool:
+def _stamp(seed: int, pretrain_steps: int = 0) -> dict[str, int]:
+    return {"version": BUILD_VERSION, "seed": seed, "pretrain_steps": pretrain_steps}
+
+
+def is_complete(out: Path, seed: int, pretrain_steps: int = 0) -> bool:
     """Return True when ``out`` already holds a finished build for ``seed``."""
     info = out / "build_info.json"
     if not info.is_file():
@@ -241,13 +276,16 @@ def is_complete(out: Path, seed: int) -> bool:
         out / "model" / "tokenizer.json",
     ]
     return all(p.is_file() for p in needed) and all(
-        recorded.get(k) == v for k, v in _stamp(seed).items()
+        recorded.get(k, 0) == v for k, v in _stamp(seed, pretrain_steps).items()
     )
 
 
-def build(out: Path, *, seed: int = 0, force: bool = False) -> bool:
-    """Write model, tokenizer and dataset under ``out``; return False if skipped."""
-    if not force and is_complete(out, seed):
+def build(out: Path, *, seed: int = 0, force: bool = False, pretrain_steps: int = 0) -> bool:
+    """Write model, tokenizer and dataset under ``out``; return False if skipped.
+
+    With ``pretrain_steps`` the model is first warmed up with CE (see ``pretrain``).
+    """
+    if not force and is_complete(out, seed, pretrain_steps):
         return False
     info = out / "build_info.json"
     info.unlink(missing_ok=True)
@@ -263,6 +301,11 @@ def build(out: Path, *, seed: int = 0, force: bool = False) -> bool:
 
     tokenizer = build_tokenizer(examples)
     model = build_model(tokenizer, seed)
+    losses = []
+    if pretrain_steps:
+        corpus = make_examples(seed + 1000, n=4 * NUM_EXAMPLES)
+        losses = pretrain(model, tokenizer, corpus, pretrain_steps, seed)
+        model.eval()
     model_dir = out / "model"
     model.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
@@ -270,7 +313,12 @@ def build(out: Path, *, seed: int = 0, force: bool = False) -> bool:
     # Written last: its presence marks the build as complete.
     info.write_text(
         json.dumps(
-            {**_stamp(seed), "examples": len(examples), "vocab_size": len(tokenizer)},
+            {
+                **_stamp(seed, pretrain_steps),
+                "examples": len(examples),
+                "vocab_size": len(tokenizer),
+                "pretrain_loss": [round(x, 4) for x in losses[:1] + losses[-1:]],
+            },
             indent=2,
         )
     )
@@ -289,10 +337,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--force", action="store_true", help="rebuild even if OUT is already complete"
     )
+    parser.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=0,
+        help="warm the random model up with this many CE steps on other examples "
+        "(default: 0, a purely random model)",
+    )
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    built = build(args.out, seed=args.seed, force=args.force)
+    built = build(
+        args.out, seed=args.seed, force=args.force, pretrain_steps=args.pretrain_steps
+    )
     elapsed = time.perf_counter() - start
     status = "built" if built else "already complete, skipped"
     print(f"{args.out}: {status} ({elapsed:.2f}s)")

@@ -33,6 +33,10 @@ def _is_number(value: object) -> bool:
     return True
 
 
+def _mean(logs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: sum(log[key] for log in logs) / len(logs) for key in logs[0]}
+
+
 def summarize(logs: list[dict[str, float]], edge: int = 3) -> str:
     steps = [log for log in logs if "loss" in log]
     if not steps:
@@ -43,11 +47,16 @@ def summarize(logs: list[dict[str, float]], edge: int = 3) -> str:
         number = steps.index(log) + 1
         values = "  ".join(f"{log.get(c, float('nan')):>13.5g}" for c in COLUMNS)
         lines.append(f"{number:>4}  {values}")
-    first, last = steps[0], steps[-1]
-    if "otr/ce" in first:
+    if "otr/ce" in steps[0]:
+        # Single steps are noisy (few target tokens each): compare the first and last
+        # tenth of the run (at least one step each).
+        span = max(1, len(steps) // 10)
+        first, last = _mean(steps[:span]), _mean(steps[-span:])
         lines.append(
-            f"cross-entropy on the target tokens: {first['otr/ce']:.4f} -> {last['otr/ce']:.4f}; "
-            f"mean p(target): {first['otr/p_target']:.4f} -> {last['otr/p_target']:.4f}"
+            f"mean of the first vs last {span} step(s): "
+            f"cross-entropy on the targets {first['otr/ce']:.4f} -> {last['otr/ce']:.4f}, "
+            f"p(target) {first['otr/p_target']:.4f} -> {last['otr/p_target']:.4f}, "
+            f"hit rate {first['otr/hit_rate']:.4f} -> {last['otr/hit_rate']:.4f}"
         )
     else:
         lines.append("no otr/* metrics in this run: OTR was off (plain cross-entropy)")
