@@ -237,9 +237,7 @@ def pretrain(
     """
     import torch
 
-    texts = [
-        PROMPT_SCAFFOLD[0 if ex["input"] else 1].format(**ex) + EOS for ex in examples
-    ]
+    texts = [PROMPT_SCAFFOLD[0 if ex["input"] else 1].format(**ex) + EOS for ex in examples]
     rng = random.Random(seed)
     torch.manual_seed(seed)
     model.train()
@@ -347,9 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    built = build(
-        args.out, seed=args.seed, force=args.force, pretrain_steps=args.pretrain_steps
-    )
+    built = build(args.out, seed=args.seed, force=args.force, pretrain_steps=args.pretrain_steps)
     elapsed = time.perf_counter() - start
     status = "built" if built else "already complete, skipped"
     print(f"{args.out}: {status} ({elapsed:.2f}s)")
