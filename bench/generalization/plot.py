@@ -56,7 +56,7 @@ def plot(out_dir: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 4, figsize=(18, 8))
+    fig, axes = plt.subplots(3, 3, figsize=(15, 12))
     s1 = os.path.join(out_dir, "generalization.json")
     s2 = os.path.join(out_dir, "real_model.json")
     if os.path.exists(s1):
@@ -77,26 +77,33 @@ def plot(out_dir: str) -> str:
             ax.set_xlabel("fine-tuning step")
             ax.set_ylim(0, 1.05)
         axes[0, 0].legend(fontsize=8)
-        _bars(axes[0, 3], runs, "best_lr", "scale 1: final, each at own best LR")
-        _bars(axes[1, 0], runs, "sft_lr", "scale 1: final, all at SFT's best LR")
-        _bars(axes[1, 1], runs, "equal_time", "scale 1: at SFT's wall time")
+        ax = axes[1, 0]
+        for m in MAIN:
+            items = [r for r in runs if r["setting"] == "best_lr" and r["method"] == m]
+            if not items or not items[0].get("train_logs"):
+                continue
+            steps = [e.get("step", i) for i, e in enumerate(items[0]["train_logs"])]
+            ce = np.array([[e.get("otr/ce", np.nan) for e in r["train_logs"]] for r in items])
+            ax.plot(steps[: ce.shape[1]], ce.mean(0), color=COLORS[m], marker="o", label=m)
+        ax.set_yscale("log")
+        ax.set_title("scale 1: training cross-entropy (nats/token, mean over seeds)", fontsize=9)
+        ax.set_xlabel("fine-tuning step")
+        _bars(axes[1, 1], runs, "best_lr", "scale 1: final, each at own best LR")
+        _bars(axes[1, 2], runs, "equal_time", "scale 1: at SFT's wall time")
+        _bars(axes[2, 0], runs, "sft_lr", "scale 1: final, all at SFT's best LR")
     if os.path.exists(s2):
         d = json.load(open(s2))
         runs = d["runs"]
         n = len({r["seed"] for r in runs if r["setting"] == "best_lr"})
-        _bars(axes[1, 2], runs, "best_lr", f"scale 2 (SmolLM2-135M LoRA): own best LR, {n} seed(s)")
         base = d["base_model"]
-        axes[1, 2].scatter(
-            np.arange(3),
-            [base[k] for k in METRICS],
-            marker="_",
-            s=400,
-            color="k",
-            label="before FT",
-            zorder=5,
-        )
-        axes[1, 2].legend(fontsize=7)
-        _bars(axes[1, 3], runs, "sft_lr", "scale 2: all at SFT's best LR (seed 0)")
+        for ax, setting, title in (
+            (axes[2, 1], "best_lr", f"scale 2 (SmolLM2-135M LoRA): own best LR, {n} seed(s)"),
+            (axes[2, 2], "sft_lr", "scale 2: all at SFT's best LR"),
+        ):
+            _bars(ax, runs, setting, title)
+            ax.scatter(np.arange(3), [base[k] for k in METRICS], marker="_", s=400,
+                       color="k", label="before FT", zorder=5)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(out_dir, "generalization.png")
     fig.savefig(path, dpi=90)
