@@ -32,10 +32,8 @@ from .objective import Objective
 CHUNK_BYTES = 64 * 1024 * 1024
 
 
-def default_chunk_size(vocab_size: int, from_hidden: bool) -> int:
-    """Positions per chunk: ``CHUNK_BYTES`` of fp32 logits (``from_hidden`` is kept for
-    callers; both paths now use the same budget)."""
-    del from_hidden
+def default_chunk_size(vocab_size: int) -> int:
+    """Positions per chunk: ``CHUNK_BYTES`` of fp32 logits, for both paths."""
     return max(1, CHUNK_BYTES // (4 * vocab_size))
 
 

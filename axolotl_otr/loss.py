@@ -179,7 +179,7 @@ def otr_loss(
     )
     _check_vocab(targets, logits.shape[-1])
     flat = logits.reshape(-1, logits.shape[-1])
-    chunk = chunk_size or default_chunk_size(logits.shape[-1], from_hidden=False)
+    chunk = chunk_size or default_chunk_size(logits.shape[-1])
     loss, stats = fused_logits_loss(
         flat, targets.rows, targets.tokens, targets.scale, obj, generator, chunk
     )
@@ -221,7 +221,7 @@ def otr_loss_from_hidden(
     )
     _check_vocab(targets, lm_head_weight.shape[0])
     flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-    chunk = chunk_size or default_chunk_size(lm_head_weight.shape[0], from_hidden=True)
+    chunk = chunk_size or default_chunk_size(lm_head_weight.shape[0])
     loss, stats = fused_linear_loss(
         flat,
         lm_head_weight,
