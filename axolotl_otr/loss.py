@@ -162,24 +162,10 @@ def otr_loss(
     ``stats_to_metrics``). A batch without any target token gives a zero loss that is
     still connected to ``logits`` (zero gradient).
     """
-    obj = _objective(objective, num_samples, temperature, beta, estimator)
-    if logits.dim() == 2:
-        logits = logits.unsqueeze(0)
-    if logits.dim() != 3 or logits.shape[:2] != labels.reshape(logits.shape[:2]).shape:
-        raise ValueError(
-            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match"
-        )
-    labels = labels.reshape(logits.shape[:2])
-    targets = select_targets(
-        labels,
-        normalization=normalization,
-        num_items_in_batch=num_items_in_batch,
-        position_ids=position_ids,
-        ignore_index=ignore_index,
-    )
-    _check_vocab(targets, logits.shape[-1])
-    flat = logits.reshape(-1, logits.shape[-1])
-    chunk = chunk_size or default_chunk_size(logits.shape[-1])
+    flat, targets, obj, chunk = _prepare(
+        logits, labels, logits.shape[-1], objective, num_samples, temperature, beta,
+        estimator, normalization, num_items_in_batch, position_ids, ignore_index, chunk_size,
+    )  # fmt: skip
     loss, stats = fused_logits_loss(
         flat, targets.rows, targets.tokens, targets.scale, obj, generator, chunk
     )
@@ -208,20 +194,11 @@ def otr_loss_from_hidden(
     """``otr_loss`` of ``hidden_states @ lm_head_weight.T (+ bias)``, never holding the
     logits of the whole batch: they are computed, used and dropped chunk by chunk.
     ``lm_head_weight`` may be any differentiable tensor (tied, or base + LoRA delta)."""
-    obj = _objective(objective, num_samples, temperature, beta, estimator)
-    if hidden_states.dim() == 2:
-        hidden_states = hidden_states.unsqueeze(0)
-    labels = labels.reshape(hidden_states.shape[:2])
-    targets = select_targets(
-        labels,
-        normalization=normalization,
-        num_items_in_batch=num_items_in_batch,
-        position_ids=position_ids,
-        ignore_index=ignore_index,
-    )
-    _check_vocab(targets, lm_head_weight.shape[0])
-    flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-    chunk = chunk_size or default_chunk_size(lm_head_weight.shape[0])
+    flat, targets, obj, chunk = _prepare(
+        hidden_states, labels, lm_head_weight.shape[0], objective, num_samples, temperature,
+        beta, estimator, normalization, num_items_in_batch, position_ids, ignore_index,
+        chunk_size,
+    )  # fmt: skip
     loss, stats = fused_linear_loss(
         flat,
         lm_head_weight,
@@ -234,6 +211,42 @@ def otr_loss_from_hidden(
         chunk,
     )
     return (loss, stats) if return_metrics else loss
+
+
+def _prepare(
+    activations: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int,
+    objective: str,
+    num_samples: int,
+    temperature: float,
+    beta: float,
+    estimator: str,
+    normalization: str,
+    num_items_in_batch: int | float | torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    ignore_index: int,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, Targets, Objective, int]:
+    """Validate the settings and shapes; flatten [batch, seq, D] to rows; pick targets."""
+    obj = _objective(objective, num_samples, temperature, beta, estimator)
+    if activations.dim() == 2:
+        activations = activations.unsqueeze(0)
+    if activations.dim() != 3 or activations.shape[:2].numel() != labels.numel():
+        raise ValueError(
+            f"logits/hidden states {tuple(activations.shape)} and labels "
+            f"{tuple(labels.shape)} do not match: expected [batch, seq, D] and [batch, seq]"
+        )
+    targets = select_targets(
+        labels.reshape(activations.shape[:2]),
+        normalization=normalization,
+        num_items_in_batch=num_items_in_batch,
+        position_ids=position_ids,
+        ignore_index=ignore_index,
+    )
+    _check_vocab(targets, vocab_size)
+    flat = activations.reshape(-1, activations.shape[-1])
+    return flat, targets, obj, chunk_size or default_chunk_size(vocab_size)
 
 
 def _check_vocab(targets: Targets, vocab_size: int) -> None:

@@ -318,3 +318,11 @@ def test_hidden_state_path_equals_logits_path(estimator):
         strict=True,
     ):
         torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+
+
+def test_mismatched_shapes_are_refused_with_a_clear_error():
+    logits, labels = batch()
+    with pytest.raises(ValueError, match="do not match"):
+        otr_loss(logits, labels[:, :-1])
+    with pytest.raises(ValueError, match="do not match"):
+        otr_loss_from_hidden(torch.randn(B, T - 1, 4), torch.randn(V, 4), labels)
