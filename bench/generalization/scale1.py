@@ -84,7 +84,10 @@ def gen_chain_ood(rng):
 def gen_chain4(rng):
     """Second OOD variant: one step more (four terms of 1-99)."""
     a, b, c, d = (rng.randint(1, 99) for _ in range(4))
-    return f"{a}+{b}+{c}+{d}=", f"{a}+{b}={a + b},{a + b}+{c}={a + b + c},{a + b + c}+{d}={a + b + c + d}"
+    return (
+        f"{a}+{b}+{c}+{d}=",
+        f"{a}+{b}={a + b},{a + b}+{c}={a + b + c},{a + b + c}+{d}={a + b + c + d}",
+    )
 
 
 BASE_TASKS = {"add": gen_add, "rev": gen_rev, "copy": gen_copy}
@@ -160,7 +163,10 @@ def greedy(model, prompts: list[str], max_new: int = 9, batch: int = 512) -> lis
         cur, past = ids, None
         for _ in range(max_new):  # KV cache: one new token per step
             out = model(
-                input_ids=cur, attention_mask=mask, position_ids=pos, past_key_values=past,
+                input_ids=cur,
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=past,
                 use_cache=True,
             )
             past = out.past_key_values
@@ -182,10 +188,11 @@ def accuracy(model, items, final_only: bool) -> float:
     preds = greedy(model, [p for p, _ in items], max_new=max(len(a) for _, a in items) + 2)
     if final_only:  # the number after the last "=" is the final answer
         ok = [
-            pr.split("=")[-1] == a.split("=")[-1] and pr != "" for pr, (_, a) in zip(preds, items)
+            pr.split("=")[-1] == a.split("=")[-1] and pr != ""
+            for pr, (_, a) in zip(preds, items, strict=True)
         ]
     else:
-        ok = [pr == a for pr, (_, a) in zip(preds, items)]
+        ok = [pr == a for pr, (_, a) in zip(preds, items, strict=True)]
     return sum(ok) / max(1, len(ok))
 
 

@@ -206,7 +206,7 @@ def fact_ok(reply: str, answer: str) -> bool:
 def score(model, tok, items, kind: str) -> list[bool]:
     ok_fn = num_ok if kind == "num" else fact_ok
     replies = generate(model, tok, [q for q, _ in items], max_new=16 if kind == "num" else 12)
-    return [ok_fn(r, a) for r, (_, a) in zip(replies, items)]
+    return [ok_fn(r, a) for r, (_, a) in zip(replies, items, strict=True)]
 
 
 # ---- experiment ---------------------------------------------------------------------
@@ -269,7 +269,11 @@ def run(quick: bool, workdir: str, log) -> dict:
     keep = []
     for kind in ("num", "fact"):
         items = [(q, a) for q, a, k in pool if k == kind]
-        keep += [(q, a, kind) for (q, a), ok in zip(items, score(base, tok, items, kind)) if ok]
+        keep += [
+            (q, a, kind)
+            for (q, a), ok in zip(items, score(base, tok, items, kind), strict=True)
+            if ok
+        ]
     if not keep:  # quick mode on a tiny pool: keep something to score
         keep = pool[:2]
     log(f"  retention set: {len(keep)} of {len(pool)} pool questions answered right before FT")
