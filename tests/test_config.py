@@ -132,3 +132,21 @@ def test_plugin_is_inert_without_otr():
         OTRPlugin().post_trainer_create(cfg, trainer)
     assert dict(vars(trainer)) == before
     assert trainer.compute_loss_func is None
+
+
+def test_otr_without_the_plugin_is_never_silently_plain_cross_entropy(
+    load_cfg, tiny_config, tmp_path
+):
+    from importlib.metadata import version
+
+    cfg = tiny_config()
+    cfg.pop("plugins")
+    path = write_config(cfg, tmp_path / "c.yml")
+    if version("axolotl").startswith("0.19."):
+        # 0.19 loads only listed plugins and drops unknown keys: refuse instead.
+        with pytest.raises(ValueError, match="OTR plugin is not loaded"):
+            load_cfg(str(path))
+    else:
+        # 0.20+ registers the installed entry point in every run: the keys are kept.
+        loaded = load_cfg(str(path))
+        assert loaded.otr is True and loaded.otr_num_samples == 256
