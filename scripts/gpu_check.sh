@@ -37,6 +37,15 @@ if "$PY" -c "import axolotl, bitsandbytes, flash_attn" 2>/dev/null; then
     "$PY" examples/tiny/summarize_run.py outputs/gpu-check.log
     grep -oE "'(train_runtime|train_steps_per_second|memory/max_allocated \(GiB\))': '[^']*'" \
         outputs/gpu-check.log | tail -3
+    gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+    if (( gpus >= 2 )); then
+        echo "== axolotl train on $gpus GPUs (Axolotl's own multi-GPU launch, DDP)"
+        axolotl train scripts/gpu_check_qlora_flash.yml --num-processes "$gpus" \
+            --output-dir ./outputs/gpu-check-ddp 2>&1 | tee outputs/gpu-check-ddp.log
+        "$PY" examples/tiny/summarize_run.py outputs/gpu-check-ddp.log
+    else
+        echo "== skipped the multi-GPU axolotl train run: one GPU visible"
+    fi
 else
     echo "== skipped the axolotl train run: it needs axolotl, bitsandbytes and flash-attn"
 fi
