@@ -40,8 +40,9 @@ if "$PY" -c "import axolotl, bitsandbytes, flash_attn" 2>/dev/null; then
     gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
     if (( gpus >= 2 )); then
         echo "== axolotl train on $gpus GPUs (Axolotl's own multi-GPU launch, DDP)"
-        axolotl train scripts/gpu_check_qlora_flash.yml --num-processes "$gpus" \
-            --output-dir ./outputs/gpu-check-ddp 2>&1 | tee outputs/gpu-check-ddp.log
+        # Extra arguments after `--` go to the launcher.
+        axolotl train scripts/gpu_check_qlora_flash.yml --launcher torchrun \
+            -- --nproc_per_node "$gpus" 2>&1 | tee outputs/gpu-check-ddp.log
         "$PY" examples/tiny/summarize_run.py outputs/gpu-check-ddp.log
     else
         echo "== skipped the multi-GPU axolotl train run: one GPU visible"
