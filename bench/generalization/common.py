@@ -163,6 +163,165 @@ def at_wall_time(curve: list[dict[str, float]], budget_s: float) -> dict[str, fl
     return fitting[-1] if fitting else curve[0]
 
 
+def make_collate(pad_id: int) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+    """A collator that right-pads ``input_ids`` with ``pad_id`` and ``labels`` with -100."""
+
+    def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
+        n = max(len(x["input_ids"]) for x in batch)
+        ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), n), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, x in enumerate(batch):
+            k = len(x["input_ids"])
+            ids[i, :k] = torch.tensor(x["input_ids"])
+            labels[i, :k] = torch.tensor(x["labels"])
+            mask[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    return collate
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids left-padded with ``pad_id`` to the longest prompt, and their attention mask."""
+    n = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), n), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, n - len(p) :] = torch.tensor(p)
+        mask[i, n - len(p) :] = 1
+    return ids, mask
+
+
+class FineTunes:
+    """Runs each (method, LR, seed) fine-tune once and records every use of it in ``runs``.
+
+    A run asked for again under another ``setting`` is not retrained: its record is copied
+    with the new setting. ``build_model(seed)`` gives a fresh model to fine-tune and
+    ``train_data(seed)`` its training examples; ``cfg`` holds steps, batch, warmup and
+    eval_every.
+    """
+
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        *,
+        build_model: Callable[[int], Any],
+        train_data: Callable[[int], list[dict]],
+        collate: Callable[[list[dict]], dict[str, torch.Tensor]],
+        evaluate: Callable[[Any], dict[str, float]],
+        initial: dict[str, float],
+        output_dir: str,
+        log: Callable[[str], None],
+        name_width: int,
+    ):
+        self.cfg = cfg
+        self.build_model = build_model
+        self.train_data = train_data
+        self.collate = collate
+        self.evaluate = evaluate
+        self.initial = initial
+        self.output_dir = output_dir
+        self.log = log
+        self.name_width = name_width  # method-name column width in the log lines
+        self.runs: list[dict] = []
+        self._results: dict[tuple[str, float, int], dict] = {}
+
+    def one(self, method: Method, lr: float, seed: int, setting: str) -> dict:
+        """Fine-tune ``method`` at ``lr`` on ``seed`` (or reuse that run); record and log it."""
+        key = (method.name, lr, seed)
+        if key in self._results:
+            r = dict(self._results[key], setting=setting)
+            self.runs.append(r)
+            return r
+        cfg = self.cfg
+        model = self.build_model(seed)
+        t0 = time.perf_counter()
+        out = train(
+            model,
+            self.train_data(seed),
+            self.collate,
+            method,
+            lr=lr,
+            steps=cfg["steps"],
+            batch_size=cfg["batch"],
+            seed=seed,
+            warmup_steps=cfg["warmup"],
+            evaluate=self.evaluate,
+            eval_every=cfg["eval_every"],
+            output_dir=self.output_dir,
+            initial=self.initial,
+        )
+        final = out["curve"][-1]
+        r = {
+            "method": method.name,
+            "seed": seed,
+            "lr": lr,
+            "setting": setting,
+            "steps": cfg["steps"],
+            **{k: v for k, v in final.items() if k not in ("step", "train_time_s")},
+            "train_time_s": out["train_time_s"],
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "curve": out["curve"],
+            "train_logs": out["train_logs"],
+        }
+        self._results[key] = r
+        self.runs.append(r)
+        self.log(
+            f"  {setting:10s} {method.name:{self.name_width}s} lr={lr:g} seed={seed}: "
+            f"id={r['in_domain']:.3f} ood={r['ood']:.3f} ret={r['retention']:.3f} "
+            f"val={r['val_in_domain']:.3f} "
+            f"train {r['train_time_s']:.1f}s wall {r['wall_s']:.1f}s"
+        )
+        return r
+
+    def run_methods(
+        self, methods: list[Method], lr: float | dict[str, float], seeds: list[int], setting: str
+    ) -> None:
+        """Every method on every seed (seed by seed) at ``lr``, or at ``lr[method name]``."""
+        for seed in seeds:
+            for m in methods:
+                self.one(m, lr[m.name] if isinstance(lr, dict) else lr, seed, setting)
+
+    def sweep_best_lr(self, lr_grid: list[float], seed: int) -> dict[str, float]:
+        """Sweep ``lr_grid`` for every method on ``seed``; pick the LR with the best
+        validation in-domain accuracy at the final step (ties go to the smaller LR)."""
+        best_lr = {}
+        for m in METHODS:
+            scores = [(self.one(m, lr, seed, "sweep")["val_in_domain"], -lr, lr) for lr in lr_grid]
+            best_lr[m.name] = max(scores)[2]
+        self.log(f"  best LR per method (val, seed {seed}): {best_lr}")
+        return best_lr
+
+    def equal_time(self, seeds: list[int], note: str | None = None) -> None:
+        """Add ``equal_time`` records: each method's best-LR run read at the last eval point
+        within SFT's training time of the same seed (``note`` is added to each if given)."""
+        for seed in seeds:
+            budget = next(
+                r["train_time_s"]
+                for r in self.runs
+                if r["setting"] == "best_lr" and r["method"] == "sft" and r["seed"] == seed
+            )
+            for m in METHODS:
+                src = next(
+                    r
+                    for r in self.runs
+                    if r["setting"] == "best_lr" and r["method"] == m.name and r["seed"] == seed
+                )
+                p = at_wall_time(src["curve"], budget)
+                record = {
+                    "method": m.name,
+                    "seed": seed,
+                    "lr": src["lr"],
+                    "setting": "equal_time",
+                    "steps": p["step"],
+                    "time_budget_s": budget,
+                    **{k: v for k, v in p.items() if k != "step"},
+                }
+                if note is not None:
+                    record["note"] = note
+                self.runs.append(record)
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:

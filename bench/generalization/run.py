@@ -57,6 +57,16 @@ def _tables(out: str, name: str, payload: dict) -> None:
         f.write("\n".join(text))
 
 
+def _save(out: str, name: str, payload: dict) -> str:
+    """Add the summary to ``payload``, check it, write ``{name}.json`` and its tables."""
+    payload["summary"] = common.summarize(payload["runs"])
+    check(payload)
+    path = os.path.join(out, f"{name}.json")
+    common.write_json(path, payload)
+    _tables(out, name, payload)
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny smoke run; asserts only")
@@ -96,10 +106,7 @@ def main(argv=None) -> int:
             path = os.path.join(out, f"{name}.json")
             if os.path.exists(path):
                 payload = json.load(open(path))
-                payload["summary"] = common.summarize(payload["runs"])
-                check(payload)
-                common.write_json(path, payload)
-                _tables(out, name, payload)
+                _save(out, name, payload)
                 log(f"{name}:\n" + common.table(payload["summary"]))
         log(f"wrote {plot.plot(out)}")
         return 0
@@ -107,24 +114,14 @@ def main(argv=None) -> int:
         import scale1
 
         payload = scale1.run(args.quick, workdir, log)
-        payload["summary"] = common.summarize(payload["runs"])
-        check(payload)
-        path = os.path.join(out, "generalization.json")
-        common.write_json(path, payload)
-        written.append(path)
+        written.append(_save(out, "generalization", payload))
         log("scale 1 summary (mean ± std over seeds):\n" + common.table(payload["summary"]))
-        _tables(out, "generalization", payload)
     if scale in ("2", "all"):
         import scale2
 
         payload = scale2.run(args.quick, workdir, log)
-        payload["summary"] = common.summarize(payload["runs"])
-        check(payload)
-        path = os.path.join(out, "real_model.json")
-        common.write_json(path, payload)
-        written.append(path)
+        written.append(_save(out, "real_model", payload))
         log("scale 2 summary:\n" + common.table(payload["summary"]))
-        _tables(out, "real_model", payload)
     if not args.no_plot and not args.quick:
         import plot
 

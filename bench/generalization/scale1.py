@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 import torch
-from common import ABLATIONS, METHODS, at_wall_time, train
+from common import ABLATIONS, METHODS, FineTunes, left_pad, make_collate
 
 CHARS = "0123456789+=,RC"
 PAD, BOS, EOS = 0, 1, 2
@@ -133,17 +133,7 @@ def example(prompt: str, answer: str) -> dict[str, list[int]]:
     return {"input_ids": p + a, "labels": [-100] * len(p) + a}
 
 
-def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
-    n = max(len(x["input_ids"]) for x in batch)
-    ids = torch.full((len(batch), n), PAD, dtype=torch.long)
-    labels = torch.full((len(batch), n), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), n), dtype=torch.long)
-    for i, x in enumerate(batch):
-        k = len(x["input_ids"])
-        ids[i, :k] = torch.tensor(x["input_ids"])
-        labels[i, :k] = torch.tensor(x["labels"])
-        mask[i, :k] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+collate = make_collate(PAD)
 
 
 @torch.no_grad()
@@ -151,12 +141,7 @@ def greedy(model, prompts: list[str], max_new: int = 9, batch: int = 512) -> lis
     outs: list[str] = []
     for s in range(0, len(prompts), batch):
         chunk = [[BOS] + encode(p) for p in prompts[s : s + batch]]
-        n = max(len(c) for c in chunk)
-        ids = torch.full((len(chunk), n), PAD, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, c in enumerate(chunk):  # left padding
-            ids[i, n - len(c) :] = torch.tensor(c)
-            mask[i, n - len(c) :] = 1
+        ids, mask = left_pad(chunk, PAD)
         done = torch.zeros(len(chunk), dtype=torch.bool)
         gen = []
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -313,111 +298,48 @@ def run(quick: bool, workdir: str, log) -> dict:
     base_state = copy.deepcopy(base.state_dict())
     n_params = sum(p.numel() for p in base.parameters())
 
+    data_cache: dict[int, list[dict]] = {}
+
     def train_data(seed: int) -> list[dict]:
-        n = cfg["steps"] * cfg["batch"]
-        return [example(p, a) for p, a in unique_set(gen_chain, n, 10_000 + seed, held)]
-
-    data_cache: dict[int, list] = {}
-    runs: list[dict] = []
-    results: dict[tuple, dict] = {}
-
-    def one(method, lr: float, seed: int, setting: str) -> dict:
-        key = (method.name, lr, seed)
-        if key in results:
-            r = dict(results[key], setting=setting)
-            runs.append(r)
-            return r
         if seed not in data_cache:
-            data_cache[seed] = train_data(seed)
+            n = cfg["steps"] * cfg["batch"]
+            items = unique_set(gen_chain, n, 10_000 + seed, held)
+            data_cache[seed] = [example(p, a) for p, a in items]
+        return data_cache[seed]
+
+    def from_base(seed: int):
+        """A copy of the shared base model (the same for every fine-tuning seed)."""
         model = make_model(0)
         model.load_state_dict(base_state)
-        t0 = time.perf_counter()
-        out = train(
-            model,
-            data_cache[seed],
-            collate,
-            method,
-            lr=lr,
-            steps=cfg["steps"],
-            batch_size=cfg["batch"],
-            seed=seed,
-            warmup_steps=cfg["warmup"],
-            evaluate=evaluate,
-            eval_every=cfg["eval_every"],
-            output_dir=os.path.join(workdir, "trainer"),
-            initial=base_eval,
-        )
-        final = out["curve"][-1]
-        r = {
-            "method": method.name,
-            "seed": seed,
-            "lr": lr,
-            "setting": setting,
-            "steps": cfg["steps"],
-            **{k: v for k, v in final.items() if k not in ("step", "train_time_s")},
-            "train_time_s": out["train_time_s"],
-            "wall_s": round(time.perf_counter() - t0, 1),
-            "curve": out["curve"],
-            "train_logs": out["train_logs"],
-        }
-        results[key] = r
-        runs.append(r)
-        log(
-            f"  {setting:10s} {method.name:22s} lr={lr:g} seed={seed}: id={r['in_domain']:.3f} "
-            f"ood={r['ood']:.3f} ret={r['retention']:.3f} val={r['val_in_domain']:.3f} "
-            f"train {r['train_time_s']:.1f}s wall {r['wall_s']:.1f}s"
-        )
-        return r
+        return model
+
+    fine_tunes = FineTunes(
+        cfg,
+        build_model=from_base,
+        train_data=train_data,
+        collate=collate,
+        evaluate=evaluate,
+        initial=base_eval,
+        output_dir=os.path.join(workdir, "trainer"),
+        log=log,
+        name_width=22,
+    )
 
     # 1. LR sweep on seed 0, selected on the validation split (in-domain, final step).
     seeds = cfg["seeds"]
-    best_lr = {}
-    for m in METHODS:
-        scores = [
-            (one(m, lr, seeds[0], "sweep")["val_in_domain"], -lr, lr) for lr in cfg["lr_grid"]
-        ]
-        best_lr[m.name] = max(scores)[2]  # ties go to the smaller LR
-    log(f"  best LR per method (val, seed {seeds[0]}): {best_lr}")
+    best_lr = fine_tunes.sweep_best_lr(cfg["lr_grid"], seeds[0])
     sft_lr = best_lr["sft"]
     # 2. Equal steps at each method's own best LR, and at SFT's best LR.
-    for seed in seeds:
-        for m in METHODS:
-            one(m, best_lr[m.name], seed, "best_lr")
-    for seed in seeds:
-        for m in METHODS:
-            one(m, sft_lr, seed, "sft_lr")
+    fine_tunes.run_methods(METHODS, best_lr, seeds, "best_lr")
+    fine_tunes.run_methods(METHODS, sft_lr, seeds, "sft_lr")
     # 3. Equal wall time: each best-LR curve read at SFT's training time of that seed.
-    for seed in seeds:
-        budget = next(
-            r["train_time_s"]
-            for r in runs
-            if r["setting"] == "best_lr" and r["method"] == "sft" and r["seed"] == seed
-        )
-        for m in METHODS:
-            src = next(
-                r
-                for r in runs
-                if r["setting"] == "best_lr" and r["method"] == m.name and r["seed"] == seed
-            )
-            p = at_wall_time(src["curve"], budget)
-            runs.append(
-                {
-                    "method": m.name,
-                    "seed": seed,
-                    "lr": src["lr"],
-                    "setting": "equal_time",
-                    "steps": p["step"],
-                    "time_budget_s": budget,
-                    **{k: v for k, v in p.items() if k not in ("step",)},
-                    "note": "best-LR run read at the last eval point within SFT's train time",
-                }
-            )
+    fine_tunes.equal_time(
+        seeds, note="best-LR run read at the last eval point within SFT's train time"
+    )
     # 4. Ablations around otr_sampled at its best LR.
     if cfg["ablations"]:
         lr = best_lr["otr_sampled"]
-        for seed in seeds:
-            for m in ABLATIONS:
-                one(m, lr, seed, "ablation")
+        fine_tunes.run_methods(ABLATIONS, lr, seeds, "ablation")
     return {
         "scale": "1: tiny Llama from scratch, CPU",
         "model": {"params": n_params, "layers": 4, "hidden": 128, "vocab": VOCAB},
@@ -426,5 +348,5 @@ def run(quick: bool, workdir: str, log) -> dict:
         "best_lr": best_lr,
         "sft_lr": sft_lr,
         "runtime_s": round(time.perf_counter() - t_start, 1),
-        "runs": runs,
+        "runs": fine_tunes.runs,
     }

@@ -21,7 +21,7 @@ import re
 import time
 
 import torch
-from common import METHODS, at_wall_time, train
+from common import METHODS, FineTunes, left_pad, make_collate
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUFFIX = " Reply with only the number."
@@ -149,33 +149,13 @@ def example(tok, question: str, answer: str) -> dict[str, list[int]]:
     return {"input_ids": prompt + target, "labels": [-100] * len(prompt) + target}
 
 
-def make_collate(pad_id: int):
-    def collate(batch):
-        n = max(len(x["input_ids"]) for x in batch)
-        ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), n), -100, dtype=torch.long)
-        mask = torch.zeros((len(batch), n), dtype=torch.long)
-        for i, x in enumerate(batch):
-            k = len(x["input_ids"])
-            ids[i, :k] = torch.tensor(x["input_ids"])
-            labels[i, :k] = torch.tensor(x["labels"])
-            mask[i, :k] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-    return collate
-
-
 @torch.no_grad()
 def generate(model, tok, questions: list[str], max_new: int, batch: int = 32) -> list[str]:
     outs = []
     for s in range(0, len(questions), batch):
         prompts = [chat(tok, q) for q in questions[s : s + batch]]
-        n = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), n), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, n - len(p) :] = torch.tensor(p)
-            mask[i, n - len(p) :] = 1
+        ids, mask = left_pad(prompts, tok.pad_token_id)
+        n = ids.shape[1]
         gen = model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -306,18 +286,10 @@ def run(quick: bool, workdir: str, log) -> dict:
         ]
         return [example(tok, q, a) for q, a in items[: cfg["steps"] * cfg["batch"]]]
 
-    collate = make_collate(tok.pad_token_id)
-    runs: list[dict] = []
-    results: dict[tuple, dict] = {}
-
-    def one(method, lr: float, seed: int, setting: str) -> dict:
-        key = (method.name, lr, seed)
-        if key in results:
-            r = dict(results[key], setting=setting)
-            runs.append(r)
-            return r
+    def lora_model(seed: int):
+        """The base model with fresh LoRA adapters (initialized from ``seed``)."""
         torch.manual_seed(seed)
-        model = get_peft_model(
+        return get_peft_model(
             load(),
             LoraConfig(
                 r=cfg["lora_r"],
@@ -335,82 +307,26 @@ def run(quick: bool, workdir: str, log) -> dict:
                 task_type="CAUSAL_LM",
             ),
         )
-        t0 = time.perf_counter()
-        out = train(
-            model,
-            train_data(seed),
-            collate,
-            method,
-            lr=lr,
-            steps=cfg["steps"],
-            batch_size=cfg["batch"],
-            seed=seed,
-            warmup_steps=cfg["warmup"],
-            evaluate=evaluate,
-            eval_every=cfg["eval_every"],
-            output_dir=os.path.join(workdir, "trainer2"),
-            initial=base_eval,
-        )
-        final = out["curve"][-1]
-        r = {
-            "method": method.name,
-            "seed": seed,
-            "lr": lr,
-            "setting": setting,
-            "steps": cfg["steps"],
-            **{k: v for k, v in final.items() if k not in ("step", "train_time_s")},
-            "train_time_s": out["train_time_s"],
-            "wall_s": round(time.perf_counter() - t0, 1),
-            "curve": out["curve"],
-            "train_logs": out["train_logs"],
-        }
-        results[key] = r
-        runs.append(r)
-        log(
-            f"  {setting:10s} {method.name:12s} lr={lr:g} seed={seed}: id={r['in_domain']:.3f} "
-            f"ood={r['ood']:.3f} ret={r['retention']:.3f} val={r['val_in_domain']:.3f} "
-            f"train {r['train_time_s']:.1f}s wall {r['wall_s']:.1f}s"
-        )
-        return r
+
+    fine_tunes = FineTunes(
+        cfg,
+        build_model=lora_model,
+        train_data=train_data,
+        collate=make_collate(tok.pad_token_id),
+        evaluate=evaluate,
+        initial=base_eval,
+        output_dir=os.path.join(workdir, "trainer2"),
+        log=log,
+        name_width=12,
+    )
 
     seeds = cfg["seeds"]
-    best_lr = {}
-    for m in METHODS:
-        scores = [
-            (one(m, lr, seeds[0], "sweep")["val_in_domain"], -lr, lr) for lr in cfg["lr_grid"]
-        ]
-        best_lr[m.name] = max(scores)[2]
+    best_lr = fine_tunes.sweep_best_lr(cfg["lr_grid"], seeds[0])
     sft_lr = best_lr["sft"]
-    log(f"  best LR per method (val, seed {seeds[0]}): {best_lr}")
-    for seed in seeds:
-        for m in METHODS:
-            one(m, best_lr[m.name], seed, "best_lr")
-    for m in METHODS:  # SFT's LR: seed 0 only (these are sweep runs already)
-        one(m, sft_lr, seeds[0], "sft_lr")
-    for seed in seeds if cfg["eval_every"] < cfg["steps"] else []:
-        budget = next(
-            r["train_time_s"]
-            for r in runs
-            if r["setting"] == "best_lr" and r["method"] == "sft" and r["seed"] == seed
-        )
-        for m in METHODS:
-            src = next(
-                r
-                for r in runs
-                if r["setting"] == "best_lr" and r["method"] == m.name and r["seed"] == seed
-            )
-            p = at_wall_time(src["curve"], budget)
-            runs.append(
-                {
-                    "method": m.name,
-                    "seed": seed,
-                    "lr": src["lr"],
-                    "setting": "equal_time",
-                    "steps": p["step"],
-                    "time_budget_s": budget,
-                    **{k: v for k, v in p.items() if k != "step"},
-                }
-            )
+    fine_tunes.run_methods(METHODS, best_lr, seeds, "best_lr")
+    # SFT's LR: seed 0 only (these are sweep runs already)
+    fine_tunes.run_methods(METHODS, sft_lr, seeds[:1], "sft_lr")
+    fine_tunes.equal_time(seeds if cfg["eval_every"] < cfg["steps"] else [])
     return {
         "scale": "2: SmolLM2-135M-Instruct + LoRA, CPU",
         "config": cfg,
@@ -418,7 +334,7 @@ def run(quick: bool, workdir: str, log) -> dict:
         "best_lr": best_lr,
         "sft_lr": sft_lr,
         "runtime_s": round(time.perf_counter() - t_start, 1),
-        "runs": runs,
+        "runs": fine_tunes.runs,
     }
 
 
