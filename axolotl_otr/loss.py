@@ -68,9 +68,6 @@ def select_targets(
     rows = (flat != ignore_index).nonzero().view(-1)
     tokens = flat.index_select(0, rows)
     count = rows.numel()
-    if tokens.numel() and (tokens.min() < 0):
-        raise ValueError(f"labels contain negative ids other than ignore_index={ignore_index}")
-
     if normalization == "token":
         denom = _as_float(num_items_in_batch, default=count)
         scale = torch.full((count,), 1.0, dtype=torch.float32, device=labels.device)
@@ -244,16 +241,22 @@ def _prepare(
         position_ids=position_ids,
         ignore_index=ignore_index,
     )
-    _check_vocab(targets, vocab_size)
+    _check_vocab(targets, vocab_size, ignore_index)
     flat = activations.reshape(-1, activations.shape[-1])
     return flat, targets, obj, chunk_size or default_chunk_size(vocab_size)
 
 
-def _check_vocab(targets: Targets, vocab_size: int) -> None:
-    if targets.count and int(targets.tokens.max()) >= vocab_size:
+def _check_vocab(targets: Targets, vocab_size: int, ignore_index: int) -> None:
+    """Every target id must be a token of the vocabulary (one host sync for both bounds)."""
+    if not targets.count:
+        return
+    low, high = torch.stack(torch.aminmax(targets.tokens)).tolist()
+    if low < 0:
+        raise ValueError(f"labels contain negative ids other than ignore_index={ignore_index}")
+    if high >= vocab_size:
         raise ValueError(
-            f"a label id ({int(targets.tokens.max())}) is outside the vocabulary "
-            f"(size {vocab_size}); the tokenizer and the model do not match"
+            f"a label id ({high}) is outside the vocabulary (size {vocab_size}); "
+            "the tokenizer and the model do not match"
         )
 
 
