@@ -28,6 +28,23 @@ def _load_example(name: str):
 parse_logs = _load_example("summarize_run").parse_logs
 
 
+@pytest.fixture
+def recorded_draws(monkeypatch) -> list:
+    """Every batch of tokens the sampled estimator draws, in order (the loss is unchanged)."""
+    import axolotl_otr.chunk_math as chunk_math
+
+    draws = []
+    original = chunk_math.sample_tokens
+
+    def recording(*args, **kwargs):
+        out = original(*args, **kwargs)
+        draws.append(out.clone())
+        return out
+
+    monkeypatch.setattr(chunk_math, "sample_tokens", recording)
+    return draws
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """The tiny model, tokenizer and data, built once per test session."""

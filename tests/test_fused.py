@@ -38,20 +38,6 @@ def data(seed: int, masked: bool):
     return hidden, weight, labels
 
 
-@pytest.fixture
-def draws(monkeypatch):
-    recorded = []
-    original = chunk_math.sample_tokens
-
-    def recording(*args, **kwargs):
-        out = original(*args, **kwargs)
-        recorded.append(out.clone())
-        return out
-
-    monkeypatch.setattr(chunk_math, "sample_tokens", recording)
-    return recorded
-
-
 def reference(hidden, weight, labels, estimator, draws=None):
     logits = hidden @ weight.T
     if estimator == "exact":
@@ -66,7 +52,7 @@ def reference(hidden, weight, labels, estimator, draws=None):
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("estimator", ["exact", "sampled"])
 @pytest.mark.parametrize("path", ["logits", "hidden"])
-def test_chunked_equals_reference(path, estimator, masked, chunk_size, draws):
+def test_chunked_equals_reference(path, estimator, masked, chunk_size, recorded_draws):
     hidden, weight, labels = data(0, masked)
     gen = torch.Generator().manual_seed(1)
     kwargs = dict(estimator=estimator, chunk_size=chunk_size, generator=gen)
@@ -74,7 +60,7 @@ def test_chunked_equals_reference(path, estimator, masked, chunk_size, draws):
         loss = otr_loss_from_hidden(hidden, weight, labels, **kwargs)
     else:
         loss = otr_loss(hidden @ weight.T, labels, **kwargs)
-    ref = reference(hidden, weight, labels, estimator, draws)
+    ref = reference(hidden, weight, labels, estimator, recorded_draws)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     got = torch.autograd.grad(loss, (hidden, weight))
     want = torch.autograd.grad(ref, (hidden, weight))
@@ -164,7 +150,7 @@ def test_lora_on_lm_head_matches_the_wrapped_layer():
 
 
 @pytest.mark.parametrize("path", ["logits", "hidden"])
-def test_same_seed_same_samples(path, draws):
+def test_same_seed_same_samples(path, recorded_draws):
     hidden, weight, labels = data(9, True)
 
     def run(seed):
@@ -174,13 +160,13 @@ def test_same_seed_same_samples(path, draws):
         return otr_loss(hidden @ weight.T, labels, chunk_size=4, generator=gen)
 
     first = run(1)
-    first_draws = torch.cat(draws)
-    draws.clear()
+    first_draws = torch.cat(recorded_draws)
+    recorded_draws.clear()
     assert torch.equal(first, run(1))
-    assert torch.equal(first_draws, torch.cat(draws))
-    draws.clear()
+    assert torch.equal(first_draws, torch.cat(recorded_draws))
+    recorded_draws.clear()
     run(2)
-    assert not torch.equal(first_draws, torch.cat(draws))
+    assert not torch.equal(first_draws, torch.cat(recorded_draws))
 
 
 def test_sampler_draws_in_proportion_to_unnormalized_weights():
