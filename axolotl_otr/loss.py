@@ -36,6 +36,7 @@ class Targets:
     tokens: torch.Tensor  # [N] int64 target token id
     scale: torch.Tensor  # [N] fp32 normalization weight
     count: int  # N
+    sequences: int | None = None  # (packed) sequences with a target; ``sequence`` mode only
 
 
 def select_targets(
@@ -79,7 +80,7 @@ def select_targets(
     sequences = int((per_segment > 0).sum())
     denom = _as_float(num_items_in_batch, default=sequences)
     scale = 1.0 / (per_segment[segment].to(torch.float32) * max(denom, 1e-12))
-    return Targets(rows=rows, tokens=tokens, scale=scale, count=count)
+    return Targets(rows=rows, tokens=tokens, scale=scale, count=count, sequences=sequences)
 
 
 def sequence_ids(
@@ -99,12 +100,9 @@ def count_sequences(
     ignore_index: int = IGNORE_INDEX,
 ) -> int:
     """Number of (packed) sequences with at least one target: ``sequence`` mode's unit."""
-    targets = select_targets(labels, position_ids=position_ids, ignore_index=ignore_index)
-    if targets.count == 0:
-        return 0
-    starts = None if position_ids is None else position_ids.reshape(labels.shape) == 0
-    segment = sequence_ids(labels.shape, starts, labels.device).view(-1)[targets.rows]
-    return int(torch.unique(segment).numel())
+    return select_targets(
+        labels, normalization="sequence", position_ids=position_ids, ignore_index=ignore_index
+    ).sequences
 
 
 def _as_float(value: int | float | torch.Tensor | None, default: int) -> float:

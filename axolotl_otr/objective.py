@@ -46,11 +46,6 @@ class Objective:
             self.objective, self.num_samples, self.temperature, self.beta, self.estimator
         )
 
-    @property
-    def samples(self) -> bool:
-        """Whether this objective draws K tokens per position."""
-        return self.objective == "otr" and self.estimator == "sampled"
-
 
 def validate_objective(
     objective: str, num_samples: int, temperature: float, beta: float, estimator: str
