@@ -13,9 +13,11 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from .objective import (
     DEFAULT_BETA,
     DEFAULT_NUM_SAMPLES,
+    DEFAULT_SFT_MIX,
     DEFAULT_TEMPERATURE,
     check_beta,
     check_num_samples,
+    check_sft_mix,
     check_temperature,
 )
 
@@ -77,6 +79,13 @@ class OTRArgs(BaseModel):
             "through the same code path, for comparisons."
         },
     )
+    otr_sft_mix: float = Field(
+        default=DEFAULT_SFT_MIX,
+        json_schema_extra={
+            "description": "lambda in [0, 1]: weights lambda * one_hot(y) + "
+            "(1 - lambda) * OTR weights; 0 is pure OTR. Only with otr_objective: otr."
+        },
+    )
     otr_fused: bool = Field(
         default=True,
         json_schema_extra={
@@ -108,12 +117,26 @@ class OTRArgs(BaseModel):
     def _check_beta(cls, value: float) -> float:
         return check_beta(value)
 
+    @field_validator("otr_sft_mix")
+    @classmethod
+    def _check_sft_mix(cls, value: float) -> float:
+        return check_sft_mix(value)
+
     @field_validator("otr_chunk_size")
     @classmethod
     def _check_chunk_size(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
             raise ValueError(f"otr_chunk_size must be a positive integer or null, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _sft_mix_needs_otr_objective(self) -> OTRArgs:
+        if self.otr_sft_mix and self.otr_objective != "otr":
+            raise ValueError(
+                "otr_sft_mix mixes cross-entropy into the OTR weights; it needs "
+                f"otr_objective: otr, got {self.otr_objective!r}"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod

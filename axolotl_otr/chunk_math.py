@@ -7,6 +7,7 @@ Every objective this package offers is a weighted negative log-likelihood
 - dft: ``w = sg(pi(y)) * one_hot(y)``
 - otr, exact: ``w = (1 - beta) * pi'(y) * one_hot(y) + beta * pi'``
 - otr, sampled: ``w = (1 - beta) * hits / K * one_hot(y) + beta * counts / K``
+- otr with ``sft_mix = lambda > 0``: ``w = lambda * one_hot(y) + (1 - lambda) * w_otr``
 
 so its logit gradient is ``(sum_a w_a) * pi - w``. This module computes the loss and
 that gradient for one chunk of positions in a single pass, on fp32 logits, without ever
@@ -133,6 +134,7 @@ def weighted_nll_chunk(
     product = ws.take("product", z)
     entropy = lse.view(-1) - rowdot(pi, z, product) * inv_sum.view(-1)
 
+    beta = 0.0  # weight of the dense (non-target) rollout term in w
     dense_beta = None  # exp((z - max) / kappa), entering w with weight beta (exact OTR)
     dense_factor = None  # its per-row factor in the gradient
     draws = None
@@ -147,7 +149,10 @@ def weighted_nll_chunk(
         loss_t = -p_y * logp_y
         hit = p_y
     else:
-        beta = objective.beta
+        lam = objective.sft_mix
+        # The mix scales every OTR weight by (1 - lambda) and adds lambda at the target.
+        beta = (1.0 - lam) * objective.beta
+        target_share = (1.0 - lam) * (1.0 - objective.beta)
         kappa = objective.temperature
         if kappa == 1.0:
             rollout, inv_rollout_sum = pi, inv_sum
@@ -160,7 +165,7 @@ def weighted_nll_chunk(
             if inv_rollout_sum is None:
                 inv_rollout_sum = rollout.sum(-1, keepdim=True).reciprocal_()
             hit = rollout.gather(1, y).mul_(inv_rollout_sum).view(-1)
-            target_weight = (1.0 - beta) * hit
+            target_weight = lam + target_share * hit
             total_weight = beta + target_weight
             # E_{pi'}[log pi]
             mean_logp = rowdot(rollout, z, product) * inv_rollout_sum.view(-1) - lse.view(-1)
@@ -172,7 +177,7 @@ def weighted_nll_chunk(
             # The sampler normalizes by the CDF: unnormalized weights are enough.
             draws = sample_tokens(rollout, k, generator)
             hit = (draws == y).sum(1).to(z.dtype) / k
-            target_weight = (1.0 - beta) * hit
+            target_weight = lam + target_share * hit
             total_weight = beta + target_weight
             mean_logp = z.gather(1, draws).mean(1) - lse.view(-1)  # mean_k log pi(a_k)
             loss_t = -(beta * mean_logp + target_weight * logp_y)
@@ -194,13 +199,13 @@ def weighted_nll_chunk(
     # exp(z - max); inv_sum normalizes it).
     grad = pi
     if dense_beta is pi:  # kappa == 1: the beta * pi' term folds into the pi term
-        grad.mul_(((total_weight - objective.beta) * scale).unsqueeze(1) * inv_sum)
+        grad.mul_(((total_weight - beta) * scale).unsqueeze(1) * inv_sum)
     else:
         grad.mul_((total_weight * scale).unsqueeze(1) * inv_sum)
         if dense_beta is not None:
-            grad.addcmul_(dense_beta, (-objective.beta * scale * dense_factor).unsqueeze(1))
+            grad.addcmul_(dense_beta, (-beta * scale * dense_factor).unsqueeze(1))
     grad.scatter_add_(1, y, (-target_weight * scale).unsqueeze(1))
     if draws is not None:
-        per_draw = (-objective.beta / objective.num_samples) * scale
+        per_draw = (-beta / objective.num_samples) * scale
         grad.scatter_add_(1, draws, per_draw.unsqueeze(1).expand_as(draws))
     return ChunkResult(loss=loss, grad=grad, stats=stats)

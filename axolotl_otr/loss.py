@@ -19,6 +19,7 @@ from .fused import default_chunk_size, fused_linear_loss, fused_logits_loss
 from .objective import (
     DEFAULT_BETA,
     DEFAULT_NUM_SAMPLES,
+    DEFAULT_SFT_MIX,
     DEFAULT_TEMPERATURE,
     Objective,
     OTRConfigError,
@@ -113,13 +114,14 @@ def _as_float(value: int | float | torch.Tensor | None, default: int) -> float:
     return float(value)
 
 
-def _objective(objective, num_samples, temperature, beta, estimator) -> Objective:
+def _objective(objective, num_samples, temperature, beta, estimator, sft_mix) -> Objective:
     return Objective(
         objective=objective,
         num_samples=num_samples,
         temperature=temperature,
         beta=beta,
         estimator=estimator,
+        sft_mix=sft_mix,
     )
 
 
@@ -144,6 +146,7 @@ def otr_loss(
     normalization: str = "token",
     num_items_in_batch: int | torch.Tensor | None = None,
     objective: str = "otr",
+    sft_mix: float = DEFAULT_SFT_MIX,
     position_ids: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
@@ -159,7 +162,8 @@ def otr_loss(
     """
     flat, targets, obj, chunk = _prepare(
         logits, labels, logits.shape[-1], objective, num_samples, temperature, beta,
-        estimator, normalization, num_items_in_batch, position_ids, ignore_index, chunk_size,
+        estimator, sft_mix, normalization, num_items_in_batch, position_ids, ignore_index,
+        chunk_size,
     )  # fmt: skip
     loss, stats = fused_logits_loss(
         flat, targets.rows, targets.tokens, targets.scale, obj, generator, chunk
@@ -180,6 +184,7 @@ def otr_loss_from_hidden(
     normalization: str = "token",
     num_items_in_batch: int | torch.Tensor | None = None,
     objective: str = "otr",
+    sft_mix: float = DEFAULT_SFT_MIX,
     position_ids: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
@@ -191,8 +196,8 @@ def otr_loss_from_hidden(
     ``lm_head_weight`` may be any differentiable tensor (tied, or base + LoRA delta)."""
     flat, targets, obj, chunk = _prepare(
         hidden_states, labels, lm_head_weight.shape[0], objective, num_samples, temperature,
-        beta, estimator, normalization, num_items_in_batch, position_ids, ignore_index,
-        chunk_size,
+        beta, estimator, sft_mix, normalization, num_items_in_batch, position_ids,
+        ignore_index, chunk_size,
     )  # fmt: skip
     loss, stats = fused_linear_loss(
         flat,
@@ -217,6 +222,7 @@ def _prepare(
     temperature: float,
     beta: float,
     estimator: str,
+    sft_mix: float,
     normalization: str,
     num_items_in_batch: int | float | torch.Tensor | None,
     position_ids: torch.Tensor | None,
@@ -224,7 +230,7 @@ def _prepare(
     chunk_size: int | None,
 ) -> tuple[torch.Tensor, Targets, Objective, int]:
     """Validate the settings and shapes; flatten [batch, seq, D] to rows; pick targets."""
-    obj = _objective(objective, num_samples, temperature, beta, estimator)
+    obj = _objective(objective, num_samples, temperature, beta, estimator, sft_mix)
     if activations.dim() == 2:
         activations = activations.unsqueeze(0)
     if activations.dim() != 3 or activations.shape[:2].numel() != labels.numel():

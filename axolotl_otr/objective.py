@@ -20,6 +20,7 @@ DEFAULT_BETA = -0.1  # this project's choice for the paper's "slightly negative"
 MAX_NUM_SAMPLES = 1 << 20
 MAX_TEMPERATURE = 100.0
 MIN_BETA = -1.0  # below this the unlikelihood push dominates the target term
+DEFAULT_SFT_MIX = 0.0  # lambda: share of plain cross-entropy mixed into the OTR weights
 
 
 class OTRConfigError(ValueError):
@@ -40,15 +41,26 @@ class Objective:
     temperature: float = DEFAULT_TEMPERATURE
     beta: float = DEFAULT_BETA
     estimator: str = "sampled"
+    sft_mix: float = DEFAULT_SFT_MIX
 
     def __post_init__(self) -> None:
         validate_objective(
-            self.objective, self.num_samples, self.temperature, self.beta, self.estimator
+            self.objective,
+            self.num_samples,
+            self.temperature,
+            self.beta,
+            self.estimator,
+            self.sft_mix,
         )
 
 
 def validate_objective(
-    objective: str, num_samples: int, temperature: float, beta: float, estimator: str
+    objective: str,
+    num_samples: int,
+    temperature: float,
+    beta: float,
+    estimator: str,
+    sft_mix: float = DEFAULT_SFT_MIX,
 ) -> None:
     """Raise OTRConfigError naming the config key of the first bad value."""
     check_choice("otr_objective", objective, OBJECTIVES)
@@ -56,6 +68,12 @@ def validate_objective(
     check_temperature(temperature)
     check_beta(beta)
     check_choice("otr_estimator", estimator, ESTIMATORS)
+    check_sft_mix(sft_mix)
+    if sft_mix and objective != "otr":
+        raise OTRConfigError(
+            f"otr_sft_mix mixes cross-entropy into the OTR weights; it needs "
+            f"otr_objective: otr, got otr_objective: {objective!r} with otr_sft_mix: {sft_mix}"
+        )
 
 
 def check_choice(key: str, value: object, allowed: tuple[str, ...]) -> object:
@@ -85,6 +103,13 @@ def check_beta(value: object) -> float:
     """beta must be finite and in [MIN_BETA, 1): beta = 1 rewards every token alike."""
     if not _finite_number(value) or not MIN_BETA <= value < 1.0:
         raise OTRConfigError(f"otr_beta must be in [{MIN_BETA}, 1), got {value!r}")
+    return value
+
+
+def check_sft_mix(value: object) -> float:
+    """lambda must be finite and in [0, 1]: 0 is pure OTR, 1 is plain cross-entropy."""
+    if not _finite_number(value) or not 0.0 <= value <= 1.0:
+        raise OTRConfigError(f"otr_sft_mix must be in [0, 1], got {value!r}")
     return value
 
 

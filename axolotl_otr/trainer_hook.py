@@ -53,6 +53,7 @@ class OTRSettings:
             temperature=get("otr_temperature", Objective.temperature),
             beta=get("otr_beta", Objective.beta),
             estimator=get("otr_estimator", "sampled"),
+            sft_mix=get("otr_sft_mix", Objective.sft_mix),
         )
         return cls(
             objective=objective,
@@ -159,6 +160,7 @@ class OTRTrainerHook:
             temperature=self.settings.objective.temperature,
             beta=self.settings.objective.beta,
             estimator=self.settings.objective.estimator,
+            sft_mix=self.settings.objective.sft_mix,
             normalization=self.settings.normalization,
             num_items_in_batch=units,
             position_ids=self._position_ids,

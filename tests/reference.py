@@ -19,9 +19,14 @@ def shifted(logits: torch.Tensor, labels: torch.Tensor):
     return z[keep], y[keep]
 
 
-def per_token_loss(z, y, *, objective="otr", estimator="exact", beta=-0.1, kappa=1.3, draws=None):
+def per_token_loss(
+    z, y, *, objective="otr", estimator="exact", beta=-0.1, kappa=1.3, draws=None, sft_mix=0.0
+):
     logp = F.log_softmax(z.float(), dim=-1)
     logp_y = logp.gather(1, y[:, None])[:, 0]
+    if sft_mix:  # lambda * cross-entropy + (1 - lambda) * OTR
+        otr = per_token_loss(z, y, estimator=estimator, beta=beta, kappa=kappa, draws=draws)
+        return sft_mix * -logp_y + (1 - sft_mix) * otr
     if objective == "sft":
         return -logp_y
     if objective == "dft":

@@ -21,6 +21,7 @@ def test_defaults_are_the_documented_ones():
     assert args.otr_estimator == "sampled"
     assert args.otr_normalization == "token"
     assert args.otr_objective == "otr"
+    assert args.otr_sft_mix == 0.0
 
 
 @pytest.mark.parametrize(
@@ -41,6 +42,9 @@ def test_defaults_are_the_documented_ones():
         ("otr_normalization", "batch", "'token' or 'sequence'"),
         ("otr_objective", "ppo", "'otr', 'dft' or 'sft'"),
         ("otr_chunk_size", 0, "positive"),
+        ("otr_sft_mix", -0.1, "[0, 1]"),
+        ("otr_sft_mix", 1.5, "[0, 1]"),
+        ("otr_sft_mix", math.nan, "[0, 1]"),
     ],
 )
 def test_every_bad_value_names_the_key_and_range(key, value, expected):
@@ -60,10 +64,17 @@ def test_every_bad_value_names_the_key_and_range(key, value, expected):
         ("otr_temperature", 1e-3),
         ("otr_beta", -1.0),
         ("otr_beta", 0.99),
+        ("otr_sft_mix", 0.0),
+        ("otr_sft_mix", 1.0),
     ],
 )
 def test_bounds_are_inclusive_where_documented(key, value):
     assert getattr(OTRArgs(**{key: value}), key) == value
+
+
+def test_sft_mix_with_another_objective_is_refused():
+    with pytest.raises(ValidationError, match="otr_sft_mix"):
+        OTRArgs(otr_sft_mix=0.3, otr_objective="dft")
 
 
 @pytest.mark.parametrize("option", sorted(CONFLICTING_OPTIONS))

@@ -53,6 +53,36 @@ def test_sampled_matches_reference_given_the_draws(recorded_draws, chunk_size, n
     torch.testing.assert_close(grad_of(loss, logits), grad_of(ref, logits), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("sft_mix", [0.1, 0.3, 1.0])
+@pytest.mark.parametrize("kappa", [1.0, 1.3])
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_sft_mix_matches_reference_for_both_estimators(recorded_draws, sft_mix, kappa, chunk_size):
+    logits, labels = batch(4)
+    common = dict(temperature=kappa, beta=-0.2, sft_mix=sft_mix, chunk_size=chunk_size)
+    loss = otr_loss(logits, labels, estimator="exact", **common)
+    ref = reference_loss(logits, labels, estimator="exact", kappa=kappa, beta=-0.2, sft_mix=sft_mix)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_of(loss, logits), grad_of(ref, logits), rtol=1e-4, atol=1e-6)
+
+    gen = torch.Generator().manual_seed(5)
+    loss = otr_loss(logits, labels, num_samples=8, generator=gen, **common)
+    z, y = shifted(logits, labels)
+    draws = torch.cat(recorded_draws)
+    ref = per_token_loss(
+        z, y, estimator="sampled", kappa=kappa, beta=-0.2, draws=draws, sft_mix=sft_mix
+    ).mean()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_of(loss, logits), grad_of(ref, logits), rtol=1e-4, atol=1e-6)
+
+
+def test_sft_mix_one_is_cross_entropy():
+    logits, labels = batch(6)
+    loss = otr_loss(logits, labels, sft_mix=1.0)
+    ce = otr_loss(logits, labels, objective="sft")
+    torch.testing.assert_close(loss, ce)
+    torch.testing.assert_close(grad_of(loss, logits), grad_of(ce, logits))
+
+
 def test_masked_positions_get_no_gradient():
     logits, labels = batch()
     for estimator in ("exact", "sampled"):
@@ -221,6 +251,8 @@ def test_nan_logits_raise_a_clear_error():
         (dict(estimator="greedy"), "otr_estimator"),
         (dict(normalization="batch"), "otr_normalization"),
         (dict(objective="ppo"), "otr_objective"),
+        (dict(sft_mix=1.2), "otr_sft_mix"),
+        (dict(sft_mix=0.5, objective="dft"), "otr_sft_mix"),
     ],
 )
 def test_bad_settings_name_the_key(kwargs, key):
