@@ -7,6 +7,7 @@ so SFT, DFT and OTR differ only in the objective the hook computes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -28,16 +29,32 @@ class Method:
     objective: Objective
 
 
-def otr(k: int = 256, kappa: float = 1.3, beta: float = -0.1, estimator: str = "sampled"):
-    return Objective("otr", num_samples=k, temperature=kappa, beta=beta, estimator=estimator)
+def otr(
+    k: int = 256,
+    kappa: float = 1.3,
+    beta: float = -0.1,
+    estimator: str = "sampled",
+    sft_mix: float = 0.0,
+):
+    return Objective(
+        "otr",
+        num_samples=k,
+        temperature=kappa,
+        beta=beta,
+        estimator=estimator,
+        sft_mix=sft_mix,
+    )
 
 
-# The four methods compared everywhere (the paper's defaults for OTR).
+# The methods compared everywhere (the paper's defaults for OTR), and the remedy for
+# weak priors: lambda * cross-entropy mixed into the sampled OTR weights (otr_sft_mix).
 METHODS = [
     Method("sft", Objective("sft")),
     Method("dft", Objective("dft")),
     Method("otr_sampled", otr()),
     Method("otr_exact", otr(estimator="exact")),
+    Method("otr_mix0.1", otr(sft_mix=0.1)),
+    Method("otr_mix0.3", otr(sft_mix=0.3)),
 ]
 # Ablations around otr_sampled (K=256, kappa=1.3, beta=-0.1), one knob at a time.
 ABLATIONS = [
@@ -47,6 +64,74 @@ ABLATIONS = [
     Method("otr_sampled_K16", otr(k=16)),
 ]
 METHOD_BY_NAME = {m.name: m for m in METHODS + ABLATIONS}
+
+
+class RunCache:
+    """One JSON file per finished run, named by a hash of everything that defines it.
+
+    A long experiment killed at any point restarts where it stopped: a run whose
+    configuration (model level, method settings, LR, seed, steps, data sizes...) is
+    already on disk is read back instead of trained again. Change anything in the
+    configuration and the key changes, so a stale result is never reused.
+    """
+
+    def __init__(self, folder: str | None):
+        self.folder = folder
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+
+    @staticmethod
+    def key(config: dict[str, Any]) -> str:
+        blob = json.dumps(config, sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+    def path(self, config: dict[str, Any]) -> str | None:
+        return os.path.join(self.folder, self.key(config) + ".json") if self.folder else None
+
+    def get(self, config: dict[str, Any]) -> dict | None:
+        path = self.path(config)
+        if path and os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)["result"]
+        return None
+
+    def put(self, config: dict[str, Any], result: dict) -> None:
+        path = self.path(config)
+        if path:
+            write_json(path, {"config": config, "result": result})
+
+
+def method_config(method: Method) -> dict[str, Any]:
+    """The settings that define a method (its name alone could be reused for others)."""
+    o = method.objective
+    return {
+        "name": method.name,
+        "objective": o.objective,
+        "num_samples": o.num_samples,
+        "temperature": o.temperature,
+        "beta": o.beta,
+        "estimator": o.estimator,
+        "sft_mix": o.sft_mix,
+    }
+
+
+def next_lr_grid(
+    grid: list[float], scores: dict[float, tuple], ladder: list[float]
+) -> float | None:
+    """The LR to add when the best score sits at an edge of ``grid``, else None.
+
+    ``ladder`` is the ordered list of allowed LRs; the grid grows one rung outward on the
+    side of the best point, until the best point is inside or the ladder ends.
+    """
+    best = max(grid, key=lambda lr: (scores[lr], -lr))
+    ordered = sorted(grid)
+    if best == ordered[0]:
+        i = ladder.index(ordered[0])
+        return ladder[i - 1] if i > 0 else None
+    if best == ordered[-1]:
+        i = ladder.index(ordered[-1])
+        return ladder[i + 1] if i + 1 < len(ladder) else None
+    return None
 
 
 class CurveCallback:
@@ -196,9 +281,11 @@ class FineTunes:
     """Runs each (method, LR, seed) fine-tune once and records every use of it in ``runs``.
 
     A run asked for again under another ``setting`` is not retrained: its record is copied
-    with the new setting. ``build_model(seed)`` gives a fresh model to fine-tune and
-    ``train_data(seed)`` its training examples; ``cfg`` holds steps, batch, warmup and
-    eval_every.
+    with the new setting. Finished runs are kept in ``cache`` (a ``RunCache``) under a key
+    made of ``identity`` (what the base model and data are), ``cfg`` and the run's own
+    method, LR and seed, so an interrupted experiment resumes. ``build_model(seed)`` gives a
+    fresh model to fine-tune and ``train_data(seed)`` its training examples; ``cfg`` holds
+    steps, batch, warmup and eval_every.
     """
 
     def __init__(
@@ -213,6 +300,9 @@ class FineTunes:
         output_dir: str,
         log: Callable[[str], None],
         name_width: int,
+        cache: RunCache | None = None,
+        identity: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
     ):
         self.cfg = cfg
         self.build_model = build_model
@@ -223,14 +313,34 @@ class FineTunes:
         self.output_dir = output_dir
         self.log = log
         self.name_width = name_width  # method-name column width in the log lines
+        self.cache = cache or RunCache(None)
+        self.identity = identity or {}
+        self.extra = extra or {}  # fields added to every run record (e.g. the prior level)
         self.runs: list[dict] = []
         self._results: dict[tuple[str, float, int], dict] = {}
+
+    def run_config(self, method: Method, lr: float, seed: int) -> dict[str, Any]:
+        train_keys = ("steps", "batch", "warmup", "eval_every")
+        return {
+            **self.identity,
+            "train": {k: self.cfg[k] for k in train_keys},
+            "method": method_config(method),
+            "lr": lr,
+            "seed": seed,
+        }
 
     def one(self, method: Method, lr: float, seed: int, setting: str) -> dict:
         """Fine-tune ``method`` at ``lr`` on ``seed`` (or reuse that run); record and log it."""
         key = (method.name, lr, seed)
         if key in self._results:
             r = dict(self._results[key], setting=setting)
+            self.runs.append(r)
+            return r
+        config = self.run_config(method, lr, seed)
+        cached = self.cache.get(config)
+        if cached is not None:
+            r = dict(cached, setting=setting, cached=True)
+            self._results[key] = r
             self.runs.append(r)
             return r
         cfg = self.cfg
@@ -253,6 +363,7 @@ class FineTunes:
         )
         final = out["curve"][-1]
         r = {
+            **self.extra,
             "method": method.name,
             "seed": seed,
             "lr": lr,
@@ -264,6 +375,7 @@ class FineTunes:
             "curve": out["curve"],
             "train_logs": out["train_logs"],
         }
+        self.cache.put(config, {k: v for k, v in r.items() if k != "setting"})
         self._results[key] = r
         self.runs.append(r)
         self.log(
@@ -282,17 +394,38 @@ class FineTunes:
             for m in methods:
                 self.one(m, lr[m.name] if isinstance(lr, dict) else lr, seed, setting)
 
-    def sweep_best_lr(self, lr_grid: list[float], seed: int) -> dict[str, float]:
+    def sweep_best_lr(
+        self,
+        lr_grid: list[float],
+        seed: int,
+        methods: list[Method] | None = None,
+        ladder: list[float] | None = None,
+    ) -> dict[str, float]:
         """Sweep ``lr_grid`` for every method on ``seed``; pick the LR with the best
-        validation in-domain accuracy at the final step (ties go to the smaller LR)."""
+        validation score at the final step: in-domain accuracy, ties broken by the lower
+        validation cross-entropy when it is measured (``val_ce``), then the smaller LR.
+        With ``ladder``, a best LR at an edge of the grid adds the next rung outward
+        (``next_lr_grid``) until it is inside or the ladder ends."""
         best_lr = {}
-        for m in METHODS:
-            scores = [(self.one(m, lr, seed, "sweep")["val_in_domain"], -lr, lr) for lr in lr_grid]
-            best_lr[m.name] = max(scores)[2]
+        for m in methods or METHODS:
+            grid = list(lr_grid)
+            scores: dict[float, tuple] = {}
+            while True:
+                for lr in grid:
+                    if lr not in scores:
+                        r = self.one(m, lr, seed, "sweep")
+                        scores[lr] = (r["val_in_domain"], -r.get("val_ce", 0.0))
+                more = next_lr_grid(grid, scores, ladder) if ladder else None
+                if more is None:
+                    break
+                grid.append(more)
+            best_lr[m.name] = max(grid, key=lambda lr, s=scores: (s[lr], -lr))
         self.log(f"  best LR per method (val, seed {seed}): {best_lr}")
         return best_lr
 
-    def equal_time(self, seeds: list[int], note: str | None = None) -> None:
+    def equal_time(
+        self, seeds: list[int], methods: list[Method] | None = None, note: str | None = None
+    ) -> None:
         """Add ``equal_time`` records: each method's best-LR run read at the last eval point
         within SFT's training time of the same seed (``note`` is added to each if given)."""
         for seed in seeds:
@@ -301,7 +434,7 @@ class FineTunes:
                 for r in self.runs
                 if r["setting"] == "best_lr" and r["method"] == "sft" and r["seed"] == seed
             )
-            for m in METHODS:
+            for m in methods or METHODS:
                 src = next(
                     r
                     for r in self.runs
@@ -309,6 +442,7 @@ class FineTunes:
                 )
                 p = at_wall_time(src["curve"], budget)
                 record = {
+                    **self.extra,
                     "method": m.name,
                     "seed": seed,
                     "lr": src["lr"],
@@ -332,14 +466,18 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(runs: list[dict[str, Any]], keys=("in_domain", "ood", "retention")) -> list[dict]:
-    """Mean and sample std over seeds, grouped by (setting, method)."""
-    groups: dict[tuple[str, str], list[dict]] = {}
+    """Mean and sample std over seeds, grouped by (prior level, setting, method)."""
+    groups: dict[tuple, list[dict]] = {}
     for run in runs:
         lr = run.get("lr") if run.get("setting") == "sweep" else None  # sweep: one row per LR
-        groups.setdefault((run.get("setting", ""), run["method"], lr), []).append(run)
+        key = (run.get("level"), run.get("setting", ""), run["method"], lr)
+        groups.setdefault(key, []).append(run)
     rows = []
-    for (setting, method, _), items in groups.items():
+    for (level, setting, method, _), items in groups.items():
         row = {"setting": setting, "method": method, "n_seeds": len(items)}
+        if level is not None:
+            row["level"] = level
+            row["base_in_domain"] = items[0].get("base_in_domain")
         row["lr"] = sorted({r.get("lr") for r in items})
         for key in keys + ("train_time_s", "steps"):
             vals = [r[key] for r in items if r.get(key) is not None]
@@ -350,13 +488,17 @@ def summarize(runs: list[dict[str, Any]], keys=("in_domain", "ood", "retention")
 
 
 def table(rows: list[dict], keys=("in_domain", "ood", "retention")) -> str:
-    head = "| setting | method | LR | seeds | " + " | ".join(keys) + " | train s | steps |"
-    out = [head, "|" + "---|" * (len(keys) + 6)]
+    levels = any("level" in r for r in rows)
+    lead = "| level | base id " if levels else ""
+    head = lead + "| setting | method | LR | seeds | " + " | ".join(keys) + " | train s | steps |"
+    out = [head, "|" + "---|" * (len(keys) + 6 + (2 if levels else 0))]
     for r in rows:
         cells = [f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}" for k in keys]
         lrs = ", ".join(f"{x:g}" for x in r["lr"])
+        first = f"| {r['level']} | {r['base_in_domain']:.3f} " if levels else ""
         out.append(
-            f"| {r['setting']} | {r['method']} | {lrs} | {r['n_seeds']} | "
+            first
+            + f"| {r['setting']} | {r['method']} | {lrs} | {r['n_seeds']} | "
             + " | ".join(cells)
             + f" | {r['train_time_s']['mean']:.1f} | {r['steps']['mean']:.0f} |"
         )

@@ -41,15 +41,17 @@ def check(payload: dict) -> None:
 
 def _tables(out: str, name: str, payload: dict) -> None:
     """Markdown tables of the summary (mean ± sample std over seeds), next to the JSON."""
-    text = [
-        f"# {payload['scale']}",
-        "",
-        f"best LR per method (validation, seed 0): "
-        f"{payload['best_lr']}; runtime {payload['runtime_s']} s",
-        "",
-        "base model before fine-tuning: "
-        + ", ".join(f"{k}={v}" for k, v in payload["base_model"].items()),
-        "",
+    text = [f"# {payload['scale']}", "", f"runtime {payload['runtime_s']} s", ""]
+    for level in payload.get("levels", [payload]):
+        title = f"level {level['level']}" if "level" in level else "all runs"
+        base = level.get("base", payload.get("base_model", {}))
+        text += [
+            f"{title}: best LR per method (validation, seed 0): {level.get('best_lr')}",
+            "",
+            "base model before fine-tuning: " + ", ".join(f"{k}={v}" for k, v in base.items()),
+            "",
+        ]
+    text += [
         common.table(payload["summary"]),
         "",
     ]
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
 
         import plot
 
-        for name in ("generalization", "real_model"):
+        for name in ("continuum", "real_model"):
             path = os.path.join(out, f"{name}.json")
             if os.path.exists(path):
                 payload = json.load(open(path))
@@ -110,16 +112,17 @@ def main(argv=None) -> int:
                 log(f"{name}:\n" + common.table(payload["summary"]))
         log(f"wrote {plot.plot(out)}")
         return 0
+    cache_dir = os.path.join(out, "runs")
     if scale in ("1", "all"):
-        import scale1
+        import continuum
 
-        payload = scale1.run(args.quick, workdir, log)
-        written.append(_save(out, "generalization", payload))
+        payload = continuum.run(args.quick, workdir, log, os.path.join(cache_dir, "continuum"))
+        written.append(_save(out, "continuum", payload))
         log("scale 1 summary (mean ± std over seeds):\n" + common.table(payload["summary"]))
     if scale in ("2", "all"):
         import scale2
 
-        payload = scale2.run(args.quick, workdir, log)
+        payload = scale2.run(args.quick, workdir, log, os.path.join(cache_dir, "real_model"))
         written.append(_save(out, "real_model", payload))
         log("scale 2 summary:\n" + common.table(payload["summary"]))
     if not args.no_plot and not args.quick:

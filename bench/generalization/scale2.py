@@ -87,10 +87,20 @@ def _gguf_folder() -> str:
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MODEL_DIR = os.path.join(ROOT, ".cache", "smollm2-135m-instruct")
+# The suffix names the conversion: a folder made before the special-token fix is redone.
+MODEL_DIR = os.path.join(ROOT, ".cache", "smollm2-135m-instruct-v2")
+EOS, PAD = "<|im_end|>", "<|endoftext|>"
 
 
 def ensure_model(log) -> str:
+    """Convert the GGUF once to a plain HF folder, with the chat model's special tokens.
+
+    The tokenizer read from the GGUF reports ``eos_token`` "<|im_start|>" and no pad
+    token, so anything that appends EOS (a collator, ``generate``'s stopping rule, Axolotl)
+    would append the token that *opens* a turn. SmolLM2-Instruct ends a turn with
+    "<|im_end|>": that is set as EOS on the tokenizer, the model config and the generation
+    config, and "<|endoftext|>" (never produced inside a chat) as the pad token.
+    """
     path = MODEL_DIR
     if os.path.exists(os.path.join(path, "config.json")):
         return path
@@ -100,9 +110,22 @@ def ensure_model(log) -> str:
     log(f"  converting {src}/{GGUF} -> {path}")
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, torch_dtype=torch.float32)
+    fix_special_tokens(tok, model)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def fix_special_tokens(tok, model) -> None:
+    """Set EOS to "<|im_end|>" and pad to "<|endoftext|>" everywhere they are read."""
+    tok.eos_token = EOS
+    tok.pad_token = PAD
+    eos_id, pad_id = tok.convert_tokens_to_ids(EOS), tok.convert_tokens_to_ids(PAD)
+    if eos_id is None or pad_id is None or eos_id == pad_id:
+        raise ValueError(f"unexpected special token ids: eos {eos_id}, pad {pad_id}")
+    for config in (model.config, model.generation_config):
+        config.eos_token_id = eos_id
+        config.pad_token_id = pad_id
 
 
 def chain_items(n: int, seed: int, **kw) -> list[tuple[str, str]]:
