@@ -46,7 +46,7 @@ from scale1 import (
 )
 
 FULL = dict(
-    base_steps=1500,
+    base_steps=1000,
     base_batch=128,
     base_lr=3e-3,
     prior_fraction=0.1,
@@ -59,9 +59,9 @@ FULL = dict(
     n_test=200,
     n_ood=200,
     n_ret=100,
-    steps=200,
+    steps=150,
     batch=32,
-    warmup=10,
+    warmup=8,
     eval_every=50,
     lr_grid=[3e-4, 1e-3, 3e-3],
     lr_ladder=[3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2],

