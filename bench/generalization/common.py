@@ -505,6 +505,58 @@ def table(rows: list[dict], keys=("in_domain", "ood", "retention")) -> str:
     return "\n".join(out)
 
 
+METRICS = ("in_domain", "ood", "retention")
+
+
+def paired_differences(runs: list[dict], setting: str = "best_lr") -> dict:
+    """{(level, method, metric): [method - sft on each seed]} over the runs of ``setting``."""
+    by_key = {
+        (r.get("level", "real"), r["method"], r["seed"]): r
+        for r in runs
+        if r.get("setting") == setting
+    }
+    out: dict[tuple, list[float]] = {}
+    for (level, method, seed), r in by_key.items():
+        sft = by_key.get((level, "sft", seed))
+        if method == "sft" or sft is None:
+            continue
+        for metric in METRICS:
+            if r.get(metric) is not None and sft.get(metric) is not None:
+                out.setdefault((level, method, metric), []).append(r[metric] - sft[metric])
+    return out
+
+
+def difference_table(payload: dict, metric: str, setting: str = "best_lr") -> str:
+    """Markdown: one row per prior level, one column per method: method - SFT on
+    ``metric`` (paired by seed, mean ± sample std, n seeds), next to SFT's own value."""
+    runs = payload["runs"]
+    levels = payload.get("levels") or [{"level": "real", "base": payload["base_model"]}]
+    methods = [m for m in dict.fromkeys(r["method"] for r in runs) if m != "sft"]
+    diffs = paired_differences(runs, setting)
+    head = f"| level | base {metric} | sft {metric} | " + " | ".join(f"{m} - sft" for m in methods)
+    out = [head + " |", "|" + "---|" * (3 + len(methods))]
+    for lv in levels:
+        level = lv["level"]
+        sft = [
+            r[metric]
+            for r in runs
+            if r.get("setting") == setting
+            and r["method"] == "sft"
+            and r.get("level", "real") == level
+        ]
+        if not sft:
+            continue
+        m, s = mean_std(sft)
+        cells = []
+        for method in methods:
+            d = diffs.get((level, method, metric), [])
+            dm, ds = mean_std(d)
+            cells.append(f"{dm:+.3f} ± {ds:.3f} ({len(d)})" if d else "-")
+        base = lv["base"].get(metric, float("nan"))
+        out.append(f"| {level} | {base:.3f} | {m:.3f} ± {s:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def write_json(path: str, payload: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"

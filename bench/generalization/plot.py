@@ -13,6 +13,7 @@ import os
 import sys
 
 import numpy as np
+from common import METRICS, paired_differences
 
 COLORS = {
     "dft": "tab:orange",
@@ -21,25 +22,6 @@ COLORS = {
     "otr_mix0.1": "tab:purple",
     "otr_mix0.3": "tab:brown",
 }
-METRICS = ["in_domain", "ood", "retention"]
-
-
-def paired_differences(runs: list[dict], setting: str = "best_lr") -> dict:
-    """{(level, method, metric): [method - sft on each seed]} over the runs of ``setting``."""
-    by_key = {
-        (r.get("level", "real"), r["method"], r["seed"]): r
-        for r in runs
-        if r.get("setting") == setting
-    }
-    out: dict[tuple, list[float]] = {}
-    for (level, method, seed), r in by_key.items():
-        sft = by_key.get((level, "sft", seed))
-        if method == "sft" or sft is None:
-            continue
-        for metric in METRICS:
-            if r.get(metric) is not None and sft.get(metric) is not None:
-                out.setdefault((level, method, metric), []).append(r[metric] - sft[metric])
-    return out
 
 
 def base_accuracy(payload: dict) -> dict:

@@ -53,10 +53,17 @@ def _tables(out: str, name: str, payload: dict) -> None:
             "base model before fine-tuning: " + ", ".join(f"{k}={v}" for k, v in base.items()),
             "",
         ]
-    text += [
-        common.table(payload["summary"]),
-        "",
-    ]
+    for setting in ("best_lr", "equal_time"):
+        if not any(r.get("setting") == setting for r in payload["runs"]):
+            continue
+        for metric in common.METRICS:
+            text += [
+                f"## {metric}, method - SFT (paired by seed), setting {setting}",
+                "",
+                common.difference_table(payload, metric, setting),
+                "",
+            ]
+    text += ["## All runs (mean ± sample std over seeds)", "", common.table(payload["summary"]), ""]
     with open(os.path.join(out, f"{name}_tables.md"), "w") as f:
         f.write("\n".join(text))
 
