@@ -63,7 +63,7 @@ def select_targets(
     shifted[:, :-1] = labels[:, 1:]
     starts = None
     if position_ids is not None:
-        position_ids = position_ids.reshape(labels.shape).to(labels.device)
+        position_ids = _broadcast_positions(position_ids, labels)
         starts = position_ids == 0
         shifted[:, :-1].masked_fill_(starts[:, 1:], ignore_index)
     flat = shifted.reshape(-1)
@@ -82,6 +82,22 @@ def select_targets(
     denom = _as_float(num_items_in_batch, default=sequences)
     scale = 1.0 / (per_segment[segment].to(torch.float32) * max(denom, 1e-12))
     return Targets(rows=rows, tokens=tokens, scale=scale, count=count, sequences=sequences)
+
+
+def _broadcast_positions(position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``position_ids`` as [batch, seq]: one [seq] or [1, seq] row applies to every row."""
+    if position_ids.dim() == 1:
+        position_ids = position_ids.unsqueeze(0)
+    if (
+        position_ids.dim() != 2
+        or position_ids.shape[-1] != labels.shape[-1]
+        or (position_ids.shape[0] not in (1, labels.shape[0]))
+    ):
+        raise ValueError(
+            f"position_ids {tuple(position_ids.shape)} do not fit labels "
+            f"{tuple(labels.shape)}: expected [batch, seq] or [1, seq]"
+        )
+    return position_ids.to(labels.device).expand(labels.shape)
 
 
 def sequence_ids(

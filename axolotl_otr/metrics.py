@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from .chunk_math import STAT_NAMES
 from .loss import stats_to_metrics
 
 METRIC_KEYS = {
@@ -39,10 +40,14 @@ class StatsAccumulator:
         prefix: str = "",
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> dict[str, float]:
-        """Means since the last pop (summed over processes by ``reduce``), then reset."""
+        """Means since the last pop (summed over processes by ``reduce``), then reset.
+
+        ``reduce`` is a collective: it is called on every process, also by one that has
+        nothing to report (it contributes zeros), so all processes enter it together.
+        """
         stats = self._sums.pop(phase, None)
         if stats is None:
-            return {}
+            stats = torch.zeros(len(STAT_NAMES), dtype=torch.float32)
         if reduce is not None:
             stats = reduce(stats)
         means = stats_to_metrics(stats)

@@ -21,6 +21,7 @@ from .loss import count_sequences, otr_loss, otr_loss_from_hidden
 from .metrics import StatsAccumulator
 from .objective import Objective, validate_normalization
 from .output_layer import OutputLayer, resolve_output_layer
+from .router_loss import router_loss
 
 # Under "axolotl." so Axolotl's own log configuration shows these lines.
 LOG = logging.getLogger("axolotl.otr")
@@ -176,11 +177,30 @@ class OTRTrainerHook:
             logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
             kwargs["generator"] = self.generator(logits.device)
             loss, stats = otr_loss(logits, labels, **kwargs)
+        accumulation = getattr(self.trainer, "current_gradient_accumulation_steps", 1)
         if training and units is None:
             # No window count: each micro-batch is its own mean, so average the window.
-            loss = loss / self.trainer.current_gradient_accumulation_steps
+            loss = loss / accumulation
+        aux = router_loss(outputs, self.trainer.model)
+        if aux is not None:
+            loss = loss + self._router_share(aux.to(loss.device), training, num_items_in_batch)
         self.accumulator.add(self._phase, stats)
         return loss
+
+    def _router_share(self, aux, training, num_items_in_batch):
+        """The model's router loss, averaged over the micro-batches and processes of a step.
+
+        The Trainer multiplies a ``compute_loss_func`` loss by the number of processes when
+        it counts tokens across devices; the router term is divided by it beforehand, so
+        after DDP's gradient mean it is the mean of the processes' router losses.
+        """
+        if not training:
+            return aux
+        aux = aux / getattr(self.trainer, "current_gradient_accumulation_steps", 1)
+        args = self.trainer.args
+        if args.average_tokens_across_devices and num_items_in_batch is not None:
+            aux = aux / max(getattr(self.trainer.accelerator, "num_processes", 1), 1)
+        return aux
 
     def get_batch_samples(self, *args, **kwargs):
         """Count the sequences of the accumulation window (``sequence`` normalization)."""
@@ -244,7 +264,7 @@ class OTRTrainerHook:
         accelerator = getattr(self.trainer, "accelerator", None)
         if accelerator is None or accelerator.num_processes <= 1:
             return stats
-        return accelerator.reduce(stats, reduction="sum")
+        return accelerator.reduce(stats.to(accelerator.device), reduction="sum")
 
 
 def _zero3(trainer: Any) -> bool:
