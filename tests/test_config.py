@@ -9,7 +9,7 @@ from conftest import write_config
 from pydantic import ValidationError
 
 from axolotl_otr.args import CONFLICTING_OPTIONS, OTRArgs
-from axolotl_otr.trainer_hook import OTRSettings
+from axolotl_otr.objective import OTRSettings
 
 
 def test_defaults_are_the_documented_ones():

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM, Trainer, TrainingArguments
 
-from axolotl_otr.objective import Objective
-from axolotl_otr.trainer_hook import OTRSettings, install_otr
+from axolotl_otr.objective import Objective, OTRSettings
+from axolotl_otr.trainer import install_otr
 
 VOCAB = 64
 
