@@ -41,11 +41,28 @@ class OTRPlugin(BasePlugin):
 
 
 def _base_trainer_cls(cfg: Any) -> type:
-    """The class Axolotl would use for a causal-LM run: ``trainer_cls`` or its own."""
+    """The class Axolotl would use for this causal-LM run: ``trainer_cls`` or its own.
+
+    A model whose support profile brings its own trainer (Axolotl 0.21: diffusion LMs)
+    computes its own, non-causal loss; OTR refuses it instead of silently replacing it.
+    """
     custom = cfg.get("trainer_cls")
     if custom:
         module, _, name = str(custom).rpartition(".")
         return getattr(importlib.import_module(module), name)
+    try:
+        from axolotl.model_support import get_model_support_for_cfg, resolve_model_support
+    except ImportError:  # Axolotl 0.19 has no model support profiles
+        pass
+    else:
+        profile = resolve_model_support(get_model_support_for_cfg(cfg))
+        factory = None if profile is None else profile.strategies.trainer_cls
+        own = None if factory is None else factory(cfg)
+        if own is not None:
+            raise ValueError(
+                f"otr: true cannot be used with this model: Axolotl trains it with its own "
+                f"trainer ({own.__name__}), whose loss is not a causal-LM token loss"
+            )
     from axolotl.core.trainers.base import AxolotlTrainer
 
     return AxolotlTrainer
