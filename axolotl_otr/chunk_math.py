@@ -1,7 +1,7 @@
 """Per-chunk math: loss, closed-form logit gradient and metrics of a weighted NLL.
 
 Every objective this package offers is a weighted negative log-likelihood
-``l_t = -sum_a w_a log pi(a)`` with ``w`` detached (see ``shared/OTR.md``):
+``l_t = -sum_a w_a log pi(a)`` with ``w`` detached (see ``docs/algorithm.md``):
 
 - sft: ``w = one_hot(y)``
 - dft: ``w = sg(pi(y)) * one_hot(y)``
