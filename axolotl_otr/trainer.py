@@ -79,7 +79,7 @@ class OTRTrainerMixin:
             if self.otr_output_layer.weight_and_bias
             else f"from full logits ({self.otr_output_layer.reason})"
         )
-        LOG.info("OTR on: %s; loss computed %s", settings, path)
+        LOG.info("OTR on (%s): %s; loss computed %s", type(self).__name__, settings, path)
         return self
 
     @property
