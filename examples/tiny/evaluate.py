@@ -65,6 +65,23 @@ def accuracy(model, tokenizer, examples: list[dict[str, str]]) -> float:
     return hits / max(len(examples), 1)
 
 
+@torch.no_grad()
+def token_accuracy(model, tokenizer, examples: list[dict[str, str]]) -> float:
+    """Share of answer tokens (end of text included) that the model's greedy choice gets
+    right, given the prompt and the correct answer so far (teacher forcing)."""
+    right = total = 0
+    for ex in examples:
+        template = PROMPT_WITH_INPUT if ex["input"] else PROMPT_NO_INPUT
+        prompt = tokenizer(template.format(**ex))["input_ids"]
+        answer = tokenizer(ex["output"], add_special_tokens=False)["input_ids"]
+        answer = answer + [tokenizer.eos_token_id]
+        ids = torch.tensor([prompt + answer])
+        guesses = model(ids).logits[0, len(prompt) - 1 : -1].argmax(-1)
+        right += int((guesses == torch.tensor(answer)).sum())
+        total += len(answer)
+    return right / max(total, 1)
+
+
 def read_jsonl(path: Path) -> list[dict[str, str]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -80,9 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     examples = read_jsonl(args.data)
     model, tokenizer = load(args.model, args.adapter)
     score = accuracy(model, tokenizer, examples)
+    tokens = token_accuracy(model, tokenizer, examples)
     label = args.label or ("fine-tuned" if args.adapter else "base model")
     hits = round(score * len(examples))
-    print(f"held-out accuracy ({label}): {score:.1%} ({hits}/{len(examples)} exact answers)")
+    print(
+        f"held-out, {label}: {hits}/{len(examples)} answers exactly right ({score:.1%}), "
+        f"{tokens:.1%} of answer tokens right"
+    )
     return 0
 
 

@@ -85,11 +85,20 @@ def plot(logs: list[dict[str, float]], path: Path) -> Path:
         raise ValueError("no training steps were logged: nothing to plot")
     x = list(range(1, len(steps) + 1))
     fig, axes = plt.subplots(1, len(PLOTTED), figsize=(3.2 * len(PLOTTED), 2.8))
+    window = max(1, len(steps) // 10)
     for ax, (key, title) in zip(axes, PLOTTED, strict=True):
-        ax.plot(x, [log.get(key, float("nan")) for log in steps], lw=1)
+        values = [log.get(key, float("nan")) for log in steps]
+        ax.plot(x, values, lw=0.8, alpha=0.35, color="tab:blue", label="per step")
+        smooth = [
+            sum(values[max(0, i - window + 1) : i + 1])
+            / len(values[max(0, i - window + 1) : i + 1])
+            for i in range(len(values))
+        ]
+        ax.plot(x, smooth, lw=1.6, color="tab:blue", label=f"mean of {window} steps")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=7)
     fig.suptitle("OTR fine-tune: metrics per optimizer step", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
