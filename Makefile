@@ -1,5 +1,6 @@
 # The two commands of the README: `make demo` (an OTR fine-tune of the tiny offline
-# default through `axolotl train`, on CPU) and `make test`. Each creates .venv through
+# default through `axolotl train`, on CPU, with held-out accuracy before and after and a
+# PNG of the metrics) and `make test`. Each creates .venv through
 # the idempotent `make setup` when it is missing.
 #
 # torch is pinned here, for the CPU dev/CI path only (this machine serves torch 2.13.0
@@ -18,7 +19,8 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # This machine's pip configuration prints one warning per package about local index
 # folders it cannot find; drop those lines, keep everything else pip says.
 QUIET_PIP := 2>&1 | sed '/^WARNING: Location .* is ignored/d'
-STAMP_DEPS := $(VENV)/.deps-$(AXOLOTL_VERSION)
+MATPLOTLIB_VERSION ?= 3.11.2
+STAMP_DEPS := $(VENV)/.deps-$(AXOLOTL_VERSION)-mpl$(MATPLOTLIB_VERSION)
 STAMP_PKG := $(VENV)/.otr-installed
 PKG_SOURCES := pyproject.toml _axolotl_otr_alias.py axolotl_otr_alias.pth $(wildcard axolotl_otr/*.py)
 
@@ -34,7 +36,8 @@ setup: $(STAMP_PKG)
 $(STAMP_DEPS):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==$(TORCH_VERSION) $(QUIET_PIP)
-	$(PIP) install -q axolotl==$(AXOLOTL_VERSION) "pytest>=8" "ruff>=0.5" $(QUIET_PIP)
+	$(PIP) install -q axolotl==$(AXOLOTL_VERSION) "pytest>=8" "ruff>=0.5" \
+		matplotlib==$(MATPLOTLIB_VERSION) $(QUIET_PIP)
 	touch $@
 
 # The package is installed as users get it (a wheel, with the .pth that lets Axolotl
@@ -43,11 +46,17 @@ $(STAMP_PKG): $(STAMP_DEPS) $(PKG_SOURCES)
 	$(PIP) install -q --no-deps --force-reinstall . $(QUIET_PIP)
 	touch $@
 
+TINY_EVAL := $(PY) examples/tiny/evaluate.py --model .cache/tiny/model \
+	--data .cache/tiny/data/heldout.jsonl
 demo: setup
 	$(PY) examples/tiny/build_tiny.py --out .cache/tiny --pretrain-steps 300
 	mkdir -p outputs
+	$(TINY_EVAL) --label "before the OTR fine-tune" | tee outputs/tiny-cpu-lora-accuracy.txt
 	axolotl train examples/configs/tiny-cpu-lora.yml 2>&1 | tee outputs/tiny-cpu-lora.log
-	$(PY) examples/tiny/summarize_run.py outputs/tiny-cpu-lora.log
+	$(PY) examples/tiny/summarize_run.py outputs/tiny-cpu-lora.log \
+		--plot outputs/tiny-cpu-lora/otr_metrics.png
+	$(TINY_EVAL) --adapter outputs/tiny-cpu-lora --label "after the OTR fine-tune" \
+		| tee -a outputs/tiny-cpu-lora-accuracy.txt
 
 test: setup
 	$(PY) -m pytest -q -ra

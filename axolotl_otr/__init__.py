@@ -1,4 +1,4 @@
-"""One-Token Rollout (OTR) fine-tuning for Axolotl.
+"""One-Token Rollout (OTR) fine-tuning for Axolotl (the algorithm: docs/algorithm.md).
 
 The loss (``otr_loss``, pure torch) imports nothing from Axolotl; the plugin class
 (``OTRPlugin``) and its config schema (``OTRArgs``) are imported lazily, so
@@ -15,10 +15,13 @@ __version__ = "0.1.0"
 _LAZY = {
     "otr_loss": "axolotl_otr.loss",
     "otr_loss_from_hidden": "axolotl_otr.loss",
-    "stats_to_metrics": "axolotl_otr.loss",
+    "stats_to_metrics": "axolotl_otr.metrics",
     "select_targets": "axolotl_otr.loss",
     "Objective": "axolotl_otr.objective",
     "OTRConfigError": "axolotl_otr.objective",
+    "OTRSettings": "axolotl_otr.objective",
+    "install_otr": "axolotl_otr.trainer",
+    "with_otr": "axolotl_otr.trainer",
     "OTRArgs": "axolotl_otr.args",
     "OTRPlugin": "axolotl_otr.plugin",
 }

@@ -1,7 +1,8 @@
 """Pydantic schema of the plugin's config keys, merged by Axolotl into its own config.
 
-Bounds come from ``objective.py``, the same place the loss validates them, so a bad
-value fails at config load with a message naming the key and the allowed range.
+Choices, defaults and bounds come from ``objective.py``, the same place the loss and the
+trainer read them, so a bad value fails at config load with a message naming the key and
+the allowed range. What the keys mean: ``docs/algorithm.md``.
 """
 
 from __future__ import annotations
@@ -12,12 +13,21 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from .objective import (
     DEFAULT_BETA,
+    DEFAULT_ESTIMATOR,
+    DEFAULT_FUSED,
+    DEFAULT_NORMALIZATION,
     DEFAULT_NUM_SAMPLES,
+    DEFAULT_OBJECTIVE,
     DEFAULT_SFT_MIX,
     DEFAULT_TEMPERATURE,
+    ESTIMATORS,
+    NORMALIZATIONS,
+    OBJECTIVES,
     check_beta,
+    check_chunk_size,
     check_num_samples,
     check_sft_mix,
+    check_sft_mix_objective,
     check_temperature,
 )
 
@@ -43,7 +53,7 @@ CONFLICTING_OPTIONS = {
 
 
 class OTRArgs(BaseModel):
-    """Config keys of One-Token Rollout (see README for what each does)."""
+    """Config keys of One-Token Rollout (see README and docs/algorithm.md)."""
 
     otr: bool | None = Field(
         default=None,
@@ -61,19 +71,19 @@ class OTRArgs(BaseModel):
         default=DEFAULT_BETA,
         json_schema_extra={"description": "Reward of a sampled token that is not the target."},
     )
-    otr_estimator: Literal["sampled", "exact"] = Field(
-        default="sampled",
+    otr_estimator: Literal[ESTIMATORS] = Field(
+        default=DEFAULT_ESTIMATOR,
         json_schema_extra={"description": "'sampled' (the paper) or 'exact' (its expectation)."},
     )
-    otr_normalization: Literal["token", "sequence"] = Field(
-        default="token",
+    otr_normalization: Literal[NORMALIZATIONS] = Field(
+        default=DEFAULT_NORMALIZATION,
         json_schema_extra={
             "description": "'token': mean over all target tokens of the "
             "global batch; 'sequence': the paper's per-sequence 1/T."
         },
     )
-    otr_objective: Literal["otr", "dft", "sft"] = Field(
-        default="otr",
+    otr_objective: Literal[OBJECTIVES] = Field(
+        default=DEFAULT_OBJECTIVE,
         json_schema_extra={
             "description": "Weight scheme; 'dft'/'sft' run DFT or plain CE "
             "through the same code path, for comparisons."
@@ -87,7 +97,7 @@ class OTRArgs(BaseModel):
         },
     )
     otr_fused: bool = Field(
-        default=True,
+        default=DEFAULT_FUSED,
         json_schema_extra={
             "description": "Compute the loss chunk by chunk from hidden "
             "states without full logits, where the model allows it."
@@ -125,17 +135,11 @@ class OTRArgs(BaseModel):
     @field_validator("otr_chunk_size")
     @classmethod
     def _check_chunk_size(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError(f"otr_chunk_size must be a positive integer or null, got {value}")
-        return value
+        return check_chunk_size(value)
 
     @model_validator(mode="after")
     def _sft_mix_needs_otr_objective(self) -> OTRArgs:
-        if self.otr_sft_mix and self.otr_objective != "otr":
-            raise ValueError(
-                "otr_sft_mix mixes cross-entropy into the OTR weights; it needs "
-                f"otr_objective: otr, got {self.otr_objective!r}"
-            )
+        check_sft_mix_objective(self.otr_sft_mix, self.otr_objective)
         return self
 
     @model_validator(mode="before")

@@ -1,7 +1,7 @@
 """Per-chunk math: loss, closed-form logit gradient and metrics of a weighted NLL.
 
 Every objective this package offers is a weighted negative log-likelihood
-``l_t = -sum_a w_a log pi(a)`` with ``w`` detached (see ``shared/OTR.md``):
+``l_t = -sum_a w_a log pi(a)`` with ``w`` detached (see ``docs/algorithm.md``):
 
 - sft: ``w = one_hot(y)``
 - dft: ``w = sg(pi(y)) * one_hot(y)``
@@ -138,12 +138,12 @@ def weighted_nll_chunk(
     dense_beta = None  # exp((z - max) / kappa), entering w with weight beta (exact OTR)
     dense_factor = None  # its per-row factor in the gradient
     draws = None
-    if objective.objective == "sft":
+    if objective.kind == "sft":
         target_weight = torch.ones_like(p_y)
         total_weight = target_weight
         loss_t = -logp_y
         hit = p_y
-    elif objective.objective == "dft":
+    elif objective.kind == "dft":
         target_weight = p_y
         total_weight = p_y
         loss_t = -p_y * logp_y

@@ -2,7 +2,7 @@
 
 Labels are aligned with ``input_ids`` and shifted here; ``ignore_index`` positions are
 skipped; with ``position_ids`` (sample packing) no target is scored across a packed
-sequence boundary. Normalization follows ``shared/OTR.md``: by default the summed
+sequence boundary. Normalization follows ``docs/algorithm.md``: by default the summed
 per-token loss is divided by ``num_items_in_batch`` (the trainer's count of target
 tokens in the whole global batch), so gradient accumulation and data parallelism give
 the gradient of one big batch.
@@ -14,16 +14,21 @@ from dataclasses import dataclass
 
 import torch
 
-from .chunk_math import STAT_NAMES
 from .fused import default_chunk_size, fused_linear_loss, fused_logits_loss
+from .metrics import stats_to_metrics
 from .objective import (
     DEFAULT_BETA,
+    DEFAULT_ESTIMATOR,
+    DEFAULT_NORMALIZATION,
     DEFAULT_NUM_SAMPLES,
+    DEFAULT_OBJECTIVE,
     DEFAULT_SFT_MIX,
     DEFAULT_TEMPERATURE,
+    NORMALIZATIONS,
     Objective,
     OTRConfigError,
-    validate_normalization,
+    OTRSettings,
+    check_choice,
 )
 
 IGNORE_INDEX = -100
@@ -54,7 +59,7 @@ def select_targets(
     tokens for ``token``, sequences for ``sequence`` (the paper's mean over sequences of
     each sequence's mean token loss). Without it the local batch is its own global batch.
     """
-    validate_normalization(normalization)
+    check_choice("otr_normalization", normalization, NORMALIZATIONS)
     if labels.dim() == 1:
         labels = labels.unsqueeze(0)
     if labels.dim() != 2:
@@ -63,7 +68,7 @@ def select_targets(
     shifted[:, :-1] = labels[:, 1:]
     starts = None
     if position_ids is not None:
-        position_ids = position_ids.reshape(labels.shape).to(labels.device)
+        position_ids = _broadcast_positions(position_ids, labels)
         starts = position_ids == 0
         shifted[:, :-1].masked_fill_(starts[:, 1:], ignore_index)
     flat = shifted.reshape(-1)
@@ -82,6 +87,22 @@ def select_targets(
     denom = _as_float(num_items_in_batch, default=sequences)
     scale = 1.0 / (per_segment[segment].to(torch.float32) * max(denom, 1e-12))
     return Targets(rows=rows, tokens=tokens, scale=scale, count=count, sequences=sequences)
+
+
+def _broadcast_positions(position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``position_ids`` as [batch, seq]: one [seq] or [1, seq] row applies to every row."""
+    if position_ids.dim() == 1:
+        position_ids = position_ids.unsqueeze(0)
+    if (
+        position_ids.dim() != 2
+        or position_ids.shape[-1] != labels.shape[-1]
+        or (position_ids.shape[0] not in (1, labels.shape[0]))
+    ):
+        raise ValueError(
+            f"position_ids {tuple(position_ids.shape)} do not fit labels "
+            f"{tuple(labels.shape)}: expected [batch, seq] or [1, seq]"
+        )
+    return position_ids.to(labels.device).expand(labels.shape)
 
 
 def sequence_ids(
@@ -114,27 +135,6 @@ def _as_float(value: int | float | torch.Tensor | None, default: int) -> float:
     return float(value)
 
 
-def _objective(objective, num_samples, temperature, beta, estimator, sft_mix) -> Objective:
-    return Objective(
-        objective=objective,
-        num_samples=num_samples,
-        temperature=temperature,
-        beta=beta,
-        estimator=estimator,
-        sft_mix=sft_mix,
-    )
-
-
-def stats_to_metrics(stats: torch.Tensor) -> dict[str, float]:
-    """Means per target token from the summed statistics of any number of batches."""
-    values = stats.detach().double().cpu().tolist()
-    tokens = values[0]
-    metrics = {"tokens": tokens}
-    for name, total in zip(STAT_NAMES[1:], values[1:], strict=True):
-        metrics[name] = total / tokens if tokens else float("nan")
-    return metrics
-
-
 def otr_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -142,10 +142,10 @@ def otr_loss(
     num_samples: int = DEFAULT_NUM_SAMPLES,
     temperature: float = DEFAULT_TEMPERATURE,
     beta: float = DEFAULT_BETA,
-    estimator: str = "sampled",
-    normalization: str = "token",
+    estimator: str = DEFAULT_ESTIMATOR,
+    normalization: str = DEFAULT_NORMALIZATION,
     num_items_in_batch: int | torch.Tensor | None = None,
-    objective: str = "otr",
+    objective: str = DEFAULT_OBJECTIVE,
     sft_mix: float = DEFAULT_SFT_MIX,
     position_ids: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -155,19 +155,21 @@ def otr_loss(
 ):
     """One-Token Rollout loss of causal-LM ``logits`` [batch, seq, vocab].
 
-    Returns the scalar loss, or ``(loss, stats)`` with ``return_metrics=True``, where
-    ``stats`` is the summed statistics vector (``STAT_NAMES``; turn it into means with
-    ``stats_to_metrics``). A batch without any target token gives a zero loss that is
-    still connected to ``logits`` (zero gradient).
+    The keywords are the settings of ``docs/algorithm.md`` (``objective`` is
+    ``Objective.kind``). Returns the scalar loss, or ``(loss, stats)`` with
+    ``return_metrics=True``, where ``stats`` is the summed statistics vector
+    (``STAT_NAMES``; turn it into means with ``stats_to_metrics``). A batch without any
+    target token gives a zero loss that is still connected to ``logits`` (zero gradient).
     """
-    flat, targets, obj, chunk = _prepare(
-        logits, labels, logits.shape[-1], objective, num_samples, temperature, beta,
-        estimator, sft_mix, normalization, num_items_in_batch, position_ids, ignore_index,
-        chunk_size,
-    )  # fmt: skip
-    loss, stats = fused_logits_loss(
-        flat, targets.rows, targets.tokens, targets.scale, obj, generator, chunk
+    settings = OTRSettings(
+        Objective(objective, num_samples, temperature, beta, estimator, sft_mix),
+        normalization=normalization,
+        chunk_size=chunk_size,
     )
+    loss, stats = weighted_loss(
+        logits, labels, settings, num_items_in_batch=num_items_in_batch,
+        position_ids=position_ids, generator=generator, ignore_index=ignore_index,
+    )  # fmt: skip
     return (loss, stats) if return_metrics else loss
 
 
@@ -180,10 +182,10 @@ def otr_loss_from_hidden(
     num_samples: int = DEFAULT_NUM_SAMPLES,
     temperature: float = DEFAULT_TEMPERATURE,
     beta: float = DEFAULT_BETA,
-    estimator: str = "sampled",
-    normalization: str = "token",
+    estimator: str = DEFAULT_ESTIMATOR,
+    normalization: str = DEFAULT_NORMALIZATION,
     num_items_in_batch: int | torch.Tensor | None = None,
-    objective: str = "otr",
+    objective: str = DEFAULT_OBJECTIVE,
     sft_mix: float = DEFAULT_SFT_MIX,
     position_ids: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -194,43 +196,38 @@ def otr_loss_from_hidden(
     """``otr_loss`` of ``hidden_states @ lm_head_weight.T (+ bias)``, never holding the
     logits of the whole batch: they are computed, used and dropped chunk by chunk.
     ``lm_head_weight`` may be any differentiable tensor (tied, or base + LoRA delta)."""
-    flat, targets, obj, chunk = _prepare(
-        hidden_states, labels, lm_head_weight.shape[0], objective, num_samples, temperature,
-        beta, estimator, sft_mix, normalization, num_items_in_batch, position_ids,
-        ignore_index, chunk_size,
-    )  # fmt: skip
-    loss, stats = fused_linear_loss(
-        flat,
-        lm_head_weight,
-        lm_head_bias,
-        targets.rows,
-        targets.tokens,
-        targets.scale,
-        obj,
-        generator,
-        chunk,
+    settings = OTRSettings(
+        Objective(objective, num_samples, temperature, beta, estimator, sft_mix),
+        normalization=normalization,
+        chunk_size=chunk_size,
     )
+    loss, stats = weighted_loss(
+        hidden_states, labels, settings, lm_head=(lm_head_weight, lm_head_bias),
+        num_items_in_batch=num_items_in_batch, position_ids=position_ids,
+        generator=generator, ignore_index=ignore_index,
+    )  # fmt: skip
     return (loss, stats) if return_metrics else loss
 
 
-def _prepare(
+def weighted_loss(
     activations: torch.Tensor,
     labels: torch.Tensor,
-    vocab_size: int,
-    objective: str,
-    num_samples: int,
-    temperature: float,
-    beta: float,
-    estimator: str,
-    sft_mix: float,
-    normalization: str,
-    num_items_in_batch: int | float | torch.Tensor | None,
-    position_ids: torch.Tensor | None,
-    ignore_index: int,
-    chunk_size: int | None,
-) -> tuple[torch.Tensor, Targets, Objective, int]:
-    """Validate the settings and shapes; flatten [batch, seq, D] to rows; pick targets."""
-    obj = _objective(objective, num_samples, temperature, beta, estimator, sft_mix)
+    settings: OTRSettings,
+    *,
+    lm_head: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss and summed statistics for already validated ``settings``.
+
+    ``activations`` are logits [batch, seq, vocab], or hidden states [batch, seq, D] when
+    ``lm_head`` gives the output layer's (weight, bias). The trainer calls this directly
+    with its one settings object; ``otr_loss``/``otr_loss_from_hidden`` build that object
+    from their keywords.
+    """
+    vocab_size = lm_head[0].shape[0] if lm_head is not None else activations.shape[-1]
     if activations.dim() == 2:
         activations = activations.unsqueeze(0)
     if activations.dim() != 3 or activations.shape[:2].numel() != labels.numel():
@@ -240,14 +237,19 @@ def _prepare(
         )
     targets = select_targets(
         labels.reshape(activations.shape[:2]),
-        normalization=normalization,
+        normalization=settings.normalization,
         num_items_in_batch=num_items_in_batch,
         position_ids=position_ids,
         ignore_index=ignore_index,
     )
     _check_vocab(targets, vocab_size, ignore_index)
     flat = activations.reshape(-1, activations.shape[-1])
-    return flat, targets, obj, chunk_size or default_chunk_size(vocab_size)
+    chunk = settings.chunk_size or default_chunk_size(vocab_size)
+    parts = (targets.rows, targets.tokens, targets.scale, settings.objective, generator, chunk)
+    if lm_head is None:
+        return fused_logits_loss(flat, *parts)
+    weight, bias = lm_head
+    return fused_linear_loss(flat, weight, bias, *parts)
 
 
 def _check_vocab(targets: Targets, vocab_size: int, ignore_index: int) -> None:
@@ -266,6 +268,7 @@ def _check_vocab(targets: Targets, vocab_size: int, ignore_index: int) -> None:
 
 __all__ = [
     "OTRConfigError",
+    "weighted_loss",
     "count_sequences",
     "otr_loss",
     "otr_loss_from_hidden",

@@ -1,8 +1,8 @@
-"""Accumulates the loss statistics between two trainer logs and turns them into metrics.
+"""The OTR metrics: their names (defined here only), and their sums between two logs.
 
 OTR loss values are not cross-entropy values; users judge a run by the plain CE, the
 mean probability of the target, the hit rate of the K samples and the entropy of the
-policy on the same tokens, so those are logged next to the loss.
+policy on the same tokens, so those are logged next to the loss (``docs/algorithm.md``).
 """
 
 from __future__ import annotations
@@ -12,14 +12,29 @@ from collections.abc import Callable
 
 import torch
 
-from .loss import stats_to_metrics
+from .chunk_math import STAT_NAMES
 
+PREFIX = "otr/"
+# statistic (a name in STAT_NAMES) -> logged key; the perplexity is exp of the mean CE.
 METRIC_KEYS = {
-    "ce": "otr/ce",
-    "p_target": "otr/p_target",
-    "hit_rate": "otr/hit_rate",
-    "entropy": "otr/entropy",
+    "ce": PREFIX + "ce",
+    "p_target": PREFIX + "p_target",
+    "hit_rate": PREFIX + "hit_rate",
+    "entropy": PREFIX + "entropy",
 }
+PPL_KEY = PREFIX + "ppl"
+LOGGED_KEYS = (*METRIC_KEYS.values(), PPL_KEY)
+EVAL_PREFIX = "eval_"
+
+
+def stats_to_metrics(stats: torch.Tensor) -> dict[str, float]:
+    """Means per target token from the summed statistics of any number of batches."""
+    values = stats.detach().double().cpu().tolist()
+    tokens = values[0]
+    metrics = {"tokens": tokens}
+    for name, total in zip(STAT_NAMES[1:], values[1:], strict=True):
+        metrics[name] = total / tokens if tokens else float("nan")
+    return metrics
 
 
 class StatsAccumulator:
@@ -39,15 +54,19 @@ class StatsAccumulator:
         prefix: str = "",
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> dict[str, float]:
-        """Means since the last pop (summed over processes by ``reduce``), then reset."""
+        """Means since the last pop (summed over processes by ``reduce``), then reset.
+
+        ``reduce`` is a collective: it is called on every process, also by one that has
+        nothing to report (it contributes zeros), so all processes enter it together.
+        """
         stats = self._sums.pop(phase, None)
         if stats is None:
-            return {}
+            stats = torch.zeros(len(STAT_NAMES), dtype=torch.float32)
         if reduce is not None:
             stats = reduce(stats)
         means = stats_to_metrics(stats)
         if not means["tokens"]:
             return {}
         logs = {prefix + key: round(means[name], 6) for name, key in METRIC_KEYS.items()}
-        logs[prefix + "otr/ppl"] = round(math.exp(min(means["ce"], 700.0)), 4)
+        logs[prefix + PPL_KEY] = round(math.exp(min(means["ce"], 700.0)), 4)
         return logs

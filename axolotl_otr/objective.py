@@ -1,26 +1,34 @@
-"""The settings of one training objective (OTR, DFT or SFT) and their allowed ranges.
+"""The settings of one OTR run: allowed values, defaults and their checks, defined once.
 
-Pure Python on purpose: the loss (pure torch) and the Axolotl config schema (pydantic)
-both read the bounds from here, so the two can never disagree about what is valid.
+Pure Python on purpose: the loss (pure torch), the Axolotl config schema (pydantic, in
+``args.py``) and the trainer all read the choices, defaults and bounds from here, so they
+can never disagree about what is valid. What each setting means: ``docs/algorithm.md``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 OBJECTIVES = ("otr", "dft", "sft")
 ESTIMATORS = ("sampled", "exact")
 NORMALIZATIONS = ("token", "sequence")
 
+DEFAULT_OBJECTIVE = "otr"
 DEFAULT_NUM_SAMPLES = 256  # the paper's K
 DEFAULT_TEMPERATURE = 1.3  # kappa, reported for the paper by a secondary summary
 DEFAULT_BETA = -0.1  # this project's choice for the paper's "slightly negative" beta
+DEFAULT_ESTIMATOR = "sampled"
+DEFAULT_SFT_MIX = 0.0  # lambda: share of plain cross-entropy mixed into the OTR weights
+DEFAULT_NORMALIZATION = "token"
+DEFAULT_FUSED = True
+DEFAULT_SEED = 42  # Axolotl's own default ``seed``
 
 MAX_NUM_SAMPLES = 1 << 20
 MAX_TEMPERATURE = 100.0
 MIN_BETA = -1.0  # below this the unlikelihood push dominates the target term
-DEFAULT_SFT_MIX = 0.0  # lambda: share of plain cross-entropy mixed into the OTR weights
 
 
 class OTRConfigError(ValueError):
@@ -29,50 +37,72 @@ class OTRConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Objective:
-    """What the weighted negative log-likelihood rewards.
+    """What the weighted negative log-likelihood rewards (validated on creation).
 
-    ``objective`` picks the weight scheme: ``otr`` (the paper), ``dft``
-    (-sg(pi(y)) log pi(y)) or ``sft`` (plain cross-entropy), so all three are computed
-    by the same code and compared on equal footing.
+    ``kind`` picks the weight scheme: ``otr`` (the paper), ``dft`` (-sg(pi(y)) log pi(y))
+    or ``sft`` (plain cross-entropy), so all three run through the same code and compare
+    on equal footing. It is the first positional argument: ``Objective("sft")``.
     """
 
-    objective: str = "otr"
+    kind: str = DEFAULT_OBJECTIVE
     num_samples: int = DEFAULT_NUM_SAMPLES
     temperature: float = DEFAULT_TEMPERATURE
     beta: float = DEFAULT_BETA
-    estimator: str = "sampled"
+    estimator: str = DEFAULT_ESTIMATOR
     sft_mix: float = DEFAULT_SFT_MIX
 
     def __post_init__(self) -> None:
-        validate_objective(
-            self.objective,
-            self.num_samples,
-            self.temperature,
-            self.beta,
-            self.estimator,
-            self.sft_mix,
+        check_choice("otr_objective", self.kind, OBJECTIVES)
+        check_num_samples(self.num_samples)
+        check_temperature(self.temperature)
+        check_beta(self.beta)
+        check_choice("otr_estimator", self.estimator, ESTIMATORS)
+        check_sft_mix(self.sft_mix)
+        check_sft_mix_objective(self.sft_mix, self.kind)
+
+
+@dataclass(frozen=True)
+class OTRSettings:
+    """Everything one OTR run needs: the objective and how the loss is computed.
+
+    The loss reads ``objective``, ``normalization`` and ``chunk_size``; the trainer also
+    ``fused`` (hidden-state path where exact) and ``seed`` (of the token sampler).
+    """
+
+    objective: Objective = field(default_factory=Objective)
+    normalization: str = DEFAULT_NORMALIZATION
+    fused: bool = DEFAULT_FUSED
+    chunk_size: int | None = None
+    seed: int = DEFAULT_SEED
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.objective, Objective):
+            raise OTRConfigError(f"objective must be an Objective, got {self.objective!r}")
+        check_choice("otr_normalization", self.normalization, NORMALIZATIONS)
+        check_chunk_size(self.chunk_size)
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping[str, Any] | Any) -> OTRSettings:
+        """Read the ``otr_*`` keys of an Axolotl config; unset keys take the defaults."""
+
+        def get(key: str, default: Any) -> Any:
+            value = cfg.get(key) if hasattr(cfg, "get") else getattr(cfg, key, None)
+            return default if value is None else value
+
+        objective = Objective(
+            get("otr_objective", DEFAULT_OBJECTIVE),
+            num_samples=get("otr_num_samples", DEFAULT_NUM_SAMPLES),
+            temperature=get("otr_temperature", DEFAULT_TEMPERATURE),
+            beta=get("otr_beta", DEFAULT_BETA),
+            estimator=get("otr_estimator", DEFAULT_ESTIMATOR),
+            sft_mix=get("otr_sft_mix", DEFAULT_SFT_MIX),
         )
-
-
-def validate_objective(
-    objective: str,
-    num_samples: int,
-    temperature: float,
-    beta: float,
-    estimator: str,
-    sft_mix: float = DEFAULT_SFT_MIX,
-) -> None:
-    """Raise OTRConfigError naming the config key of the first bad value."""
-    check_choice("otr_objective", objective, OBJECTIVES)
-    check_num_samples(num_samples)
-    check_temperature(temperature)
-    check_beta(beta)
-    check_choice("otr_estimator", estimator, ESTIMATORS)
-    check_sft_mix(sft_mix)
-    if sft_mix and objective != "otr":
-        raise OTRConfigError(
-            f"otr_sft_mix mixes cross-entropy into the OTR weights; it needs "
-            f"otr_objective: otr, got otr_objective: {objective!r} with otr_sft_mix: {sft_mix}"
+        return cls(
+            objective=objective,
+            normalization=get("otr_normalization", DEFAULT_NORMALIZATION),
+            fused=bool(get("otr_fused", DEFAULT_FUSED)),
+            chunk_size=get("otr_chunk_size", None),
+            seed=int(get("otr_seed", get("seed", DEFAULT_SEED))),
         )
 
 
@@ -113,9 +143,20 @@ def check_sft_mix(value: object) -> float:
     return value
 
 
-def validate_normalization(normalization: str) -> None:
-    """Raise OTRConfigError unless ``normalization`` is a known mode."""
-    check_choice("otr_normalization", normalization, NORMALIZATIONS)
+def check_sft_mix_objective(sft_mix: float, kind: str) -> None:
+    """lambda mixes cross-entropy into the OTR weights, so it needs the OTR objective."""
+    if sft_mix and kind != "otr":
+        raise OTRConfigError(
+            f"otr_sft_mix mixes cross-entropy into the OTR weights; it needs "
+            f"otr_objective: otr, got otr_objective: {kind!r} with otr_sft_mix: {sft_mix}"
+        )
+
+
+def check_chunk_size(value: object) -> int | None:
+    """Positions per loss chunk: a positive integer, or None for the automatic size."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise OTRConfigError(f"otr_chunk_size must be a positive integer or null, got {value!r}")
+    return value
 
 
 def _finite_number(value: object) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -105,3 +106,19 @@ def _lora_accessor(head: nn.Module) -> OutputLayer:
         return weight, base_layer.bias
 
     return OutputLayer(weight_and_bias)
+
+
+def choose_output_layer(trainer: Any, fused: bool) -> OutputLayer:
+    """The hidden-state path's lm_head for this trainer, or why the logits path is used."""
+    if not fused:
+        return OutputLayer(None, "otr_fused is false")
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return OutputLayer(None, "FSDP shards the lm_head outside the forward pass")
+    if getattr(trainer, "is_deepspeed_enabled", False) and _zero3(trainer):
+        return OutputLayer(None, "DeepSpeed ZeRO-3 partitions the lm_head")
+    return resolve_output_layer(trainer.model)
+
+
+def _zero3(trainer: Any) -> bool:
+    plugin = getattr(getattr(trainer.accelerator, "state", None), "deepspeed_plugin", None)
+    return bool(plugin is not None and getattr(plugin, "zero_stage", 0) == 3)

@@ -99,7 +99,7 @@ def build(shape: Shape, device: str, dtype: torch.dtype, output_dir: str):
             warnings.simplefilter("ignore")
             trainer = Trainer(model=model, args=args)
         if variant == "otr":
-            settings = OTRSettings(Objective(objective="otr", num_samples=256), seed=0)
+            settings = OTRSettings(Objective("otr", num_samples=256), seed=0)
             hook = install_otr(trainer, settings)
             if hook.output_layer.weight_and_bias is None:
                 raise RuntimeError(f"OTR fell back to full logits: {hook.output_layer.reason}")

@@ -76,10 +76,15 @@ def write_config(cfg: dict, path: Path) -> Path:
 
 def run_axolotl_train(config: Path, timeout: int = 600) -> tuple[str, list[dict]]:
     """Run `axolotl train` as a user would; return its output and the parsed log dicts."""
+    return run_axolotl(["train", str(config)], timeout)
+
+
+def run_axolotl(args: list[str], timeout: int = 600) -> tuple[str, list[dict]]:
+    """Run the `axolotl` command line with ``args``; return its output and log dicts."""
     venv_bin = str(Path(sys.executable).parent)
     env = {**os.environ, **OFFLINE_ENV, "PATH": venv_bin + os.pathsep + os.environ["PATH"]}
     proc = subprocess.run(
-        [os.path.join(venv_bin, "axolotl"), "train", str(config)],
+        [os.path.join(venv_bin, "axolotl"), *args],
         cwd=REPO,
         env=env,
         capture_output=True,

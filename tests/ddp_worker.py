@@ -16,8 +16,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from trainer_setup import build_trainer, make_examples  # noqa: E402
 
-from axolotl_otr.objective import Objective  # noqa: E402
-from axolotl_otr.trainer_hook import OTRSettings  # noqa: E402
+from axolotl_otr.objective import (
+    Objective,  # noqa: E402
+    OTRSettings,  # noqa: E402
+)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Plain, obviously-correct reference implementations the tests compare against.
 
-Written straight from shared/OTR.md with full [tokens, vocab] tensors and autograd, no
+Written straight from docs/algorithm.md with full [tokens, vocab] tensors and autograd, no
 chunking and no closed-form gradients.
 """
 

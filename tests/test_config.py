@@ -9,7 +9,7 @@ from conftest import write_config
 from pydantic import ValidationError
 
 from axolotl_otr.args import CONFLICTING_OPTIONS, OTRArgs
-from axolotl_otr.trainer_hook import OTRSettings
+from axolotl_otr.objective import Objective, OTRConfigError, OTRSettings
 
 
 def test_defaults_are_the_documented_ones():
@@ -143,6 +143,55 @@ def test_plugin_is_inert_without_otr():
         OTRPlugin().post_trainer_create(cfg, trainer)
     assert dict(vars(trainer)) == before
     assert trainer.compute_loss_func is None
+    for cfg in ({"otr": False}, {}, {"otr": None}):
+        assert OTRPlugin().get_trainer_cls(cfg) is None
+
+
+def test_plugin_hands_axolotl_its_trainer_with_the_otr_mixin():
+    from axolotl.core.trainers.base import AxolotlTrainer
+    from axolotl.utils.dict import DictDefault
+
+    from axolotl_otr import OTRPlugin
+    from axolotl_otr.trainer import OTRTrainerMixin
+
+    cfg = DictDefault({"otr": True, "base_model": "x", "model_config_type": "llama"})
+    cls = OTRPlugin().get_trainer_cls(cfg)
+    assert issubclass(cls, OTRTrainerMixin) and issubclass(cls, AxolotlTrainer)
+    assert cls.__mro__[1:3] == (OTRTrainerMixin, AxolotlTrainer)
+    assert OTRPlugin().get_trainer_cls(cfg) is cls  # one class, not one per run
+
+
+def test_schema_choices_and_defaults_are_those_of_objective_py():
+    from typing import get_args
+
+    from axolotl_otr import objective as o
+
+    fields = OTRArgs.model_fields
+    defaults = o.OTRSettings()
+    assert get_args(fields["otr_objective"].annotation) == o.OBJECTIVES
+    assert get_args(fields["otr_estimator"].annotation) == o.ESTIMATORS
+    assert get_args(fields["otr_normalization"].annotation) == o.NORMALIZATIONS
+    args = OTRArgs()
+    assert args.otr_objective == defaults.objective.kind
+    assert args.otr_num_samples == defaults.objective.num_samples
+    assert args.otr_temperature == defaults.objective.temperature
+    assert args.otr_beta == defaults.objective.beta
+    assert args.otr_estimator == defaults.objective.estimator
+    assert args.otr_sft_mix == defaults.objective.sft_mix
+    assert args.otr_normalization == defaults.normalization
+    assert args.otr_fused == defaults.fused
+    assert args.otr_chunk_size == defaults.chunk_size
+    # A config read through the schema gives the same settings as the defaults.
+    assert o.OTRSettings.from_cfg({**args.model_dump(), "seed": o.DEFAULT_SEED}) == defaults
+
+
+def test_objective_keeps_its_positional_name_and_keywords():
+    objective = Objective("otr", num_samples=8, temperature=1.0, beta=-0.2,
+                          estimator="exact", sft_mix=0.1)  # fmt: skip
+    assert objective.kind == "otr" and objective.num_samples == 8
+    assert Objective("sft").kind == "sft"
+    with pytest.raises(OTRConfigError, match="otr_objective"):
+        Objective("ppo")
 
 
 def test_otr_without_the_plugin_is_never_silently_plain_cross_entropy(

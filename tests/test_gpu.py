@@ -101,7 +101,7 @@ def test_bf16_training_steps_through_the_trainer_hook(tiny_dir, tmp_path):
         tiny_dir / "model", tmp_path, make_examples(16, VOCAB), micro_batch=4, accumulation=2,
         max_steps=4, use_cpu=False, bf16=True, settings=OTRSettings(Objective()),
     )  # fmt: skip
-    assert trainer._otr_hook.output_layer.weight_and_bias is not None
+    assert trainer.output_layer.weight_and_bias is not None
     trainer.train()
     steps = [log for log in logs.logs if "loss" in log]
     assert len(steps) == 4

@@ -345,3 +345,46 @@ def test_mismatched_shapes_are_refused_with_a_clear_error():
         otr_loss(logits, labels[:, :-1])
     with pytest.raises(ValueError, match="do not match"):
         otr_loss_from_hidden(torch.randn(B, T - 1, 4), torch.randn(V, 4), labels)
+
+
+def test_broadcast_position_ids_apply_to_every_row():
+    # Collators and models often pass one [1, seq] row of positions for the whole batch.
+    logits, labels = batch(15)
+    shared = torch.arange(T).unsqueeze(0)  # [1, T]: no packing boundary
+    loss = otr_loss(logits, labels, estimator="exact", position_ids=shared)
+    torch.testing.assert_close(loss, reference_loss(logits, labels, estimator="exact"))
+    packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]])
+    broadcast = otr_loss(logits, labels, estimator="exact", position_ids=packed)
+    full = otr_loss(logits, labels, estimator="exact", position_ids=packed.expand(B, T))
+    torch.testing.assert_close(broadcast, full)
+    with pytest.raises(ValueError, match="position_ids"):
+        otr_loss(logits, labels, position_ids=torch.arange(T - 1).unsqueeze(0))
+
+
+@pytest.mark.parametrize("estimator", ["exact", "sampled"])
+def test_hidden_state_path_with_an_lm_head_bias_matches_the_reference(recorded_draws, estimator):
+    gen = torch.Generator().manual_seed(16)
+    hidden = torch.randn(B, T, 6, generator=gen, requires_grad=True)
+    weight = torch.randn(V, 6, generator=gen, requires_grad=True)
+    bias = torch.randn(V, generator=gen, requires_grad=True)
+    _, labels = batch(16)
+    loss = otr_loss_from_hidden(
+        hidden,
+        weight,
+        labels,
+        lm_head_bias=bias,
+        estimator=estimator,
+        num_samples=8,
+        chunk_size=4,
+        generator=torch.Generator().manual_seed(2),
+    )
+    logits = hidden @ weight.T + bias
+    z, y = shifted(logits, labels)
+    draws = torch.cat(recorded_draws) if estimator == "sampled" else None
+    ref = per_token_loss(z, y, estimator=estimator, draws=draws).mean()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    got = torch.autograd.grad(loss, (hidden, weight, bias))
+    want = torch.autograd.grad(ref, (hidden, weight, bias))
+    for name, a, b in zip(("hidden", "weight", "bias"), got, want, strict=True):
+        assert b.abs().sum() > 0, name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)

@@ -1,15 +1,19 @@
-"""The trainer hook inside a real HF Trainer: accumulation, evaluation, resume, paths."""
+"""OTR inside a real HF Trainer: accumulation, evaluation, resume, paths, attachment."""
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 
 import pytest
 import torch
 from trainer_setup import build_trainer, make_examples
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from axolotl_otr.objective import Objective
-from axolotl_otr.trainer_hook import SAMPLER_STATE_FILE, OTRSettings, install_otr
+from axolotl_otr.objective import Objective, OTRSettings
+from axolotl_otr.sampler import OTRSamplerState
+from axolotl_otr.trainer import OTRTrainerMixin, install_otr
 
 VOCAB = 512
 
@@ -59,7 +63,7 @@ def test_chunked_hidden_path_equals_logits_path_in_the_trainer(tiny_dir, tmp_pat
             accumulation=2,
             settings=exact(fused=fused),
         )
-        assert (trainer._otr_hook.output_layer.weight_and_bias is not None) is fused
+        assert (trainer.output_layer.weight_and_bias is not None) is fused
         trainer.train()
         runs[fused] = (grads.grads[0], logs.logs[0])
     (g_fused, log_fused), (g_logits, log_logits) = runs[True], runs[False]
@@ -101,50 +105,83 @@ def test_training_and_eval_logs_carry_the_otr_metrics(tiny_dir, tmp_path):
     assert eval_logs[-1]["eval_otr/ce"] == pytest.approx(ce, rel=1e-4)
 
 
-def test_resume_restores_the_sampler(tiny_dir, tmp_path):
+def test_resume_repeats_the_sampled_draws(tiny_dir, tmp_path):
     examples = make_examples(16, VOCAB)
-    common = dict(
-        micro_batch=2, accumulation=1, max_steps=4, settings=OTRSettings(Objective(num_samples=4))
-    )
+    common = dict(micro_batch=2, accumulation=1, max_steps=4)
+    settings = OTRSettings(Objective(num_samples=4))
     full, _, full_logs = build_trainer(
         tiny_dir / "model",
         tmp_path / "full",
         examples,
         save_strategy="steps",
         save_steps=2,
+        settings=settings,
         **common,
     )
     full.train()
     checkpoint = tmp_path / "full" / "checkpoint-2"
-    assert (checkpoint / SAMPLER_STATE_FILE.format(rank=0)).is_file()
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]
+    assert saved["OTRSamplerState"]["args"]["seed"] == settings.seed
     expected = [log["loss"] for log in full_logs.logs if "loss" in log][2:]
 
     resumed, _, resumed_logs = build_trainer(
-        tiny_dir / "model", tmp_path / "resumed", examples, **common
+        tiny_dir / "model", tmp_path / "resumed", examples, settings=settings, **common
     )
     resumed.train(resume_from_checkpoint=str(checkpoint))
     got = [log["loss"] for log in resumed_logs.logs if "loss" in log]
     assert got == pytest.approx(expected, rel=1e-5)
 
-    # Without the saved sampler state the draws restart from the seed: the losses differ.
-    (checkpoint / SAMPLER_STATE_FILE.format(rank=0)).unlink()
-    restarted, _, restarted_logs = build_trainer(
-        tiny_dir / "model", tmp_path / "restarted", examples, **common
-    )
-    restarted.train(resume_from_checkpoint=str(checkpoint))
-    other = [log["loss"] for log in restarted_logs.logs if "loss" in log]
-    assert other != pytest.approx(expected, rel=1e-5)
+
+def test_resume_with_another_seed_draws_other_tokens_and_says_so(tiny_dir, tmp_path, caplog):
+    examples = make_examples(16, VOCAB)
+    common = dict(micro_batch=2, accumulation=1, max_steps=4)
+    full, _, full_logs = build_trainer(
+        tiny_dir / "model", tmp_path / "full", examples, save_strategy="steps", save_steps=2,
+        settings=OTRSettings(Objective(num_samples=4), seed=1), **common,
+    )  # fmt: skip
+    full.train()
+    expected = [log["loss"] for log in full_logs.logs if "loss" in log][2:]
+    other, _, other_logs = build_trainer(
+        tiny_dir / "model", tmp_path / "other", examples,
+        settings=OTRSettings(Objective(num_samples=4), seed=2), **common,
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="axolotl.otr"):
+        other.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    got = [log["loss"] for log in other_logs.logs if "loss" in log]
+    assert got != pytest.approx(expected, rel=1e-5)
+    assert "will not repeat" in caplog.text
 
 
 def test_install_is_idempotent_and_refuses_a_second_loss(tiny_dir, tmp_path):
     trainer, _, _ = build_trainer(
         tiny_dir / "model", tmp_path, make_examples(2, VOCAB), micro_batch=1, accumulation=1
     )
-    hook = trainer._otr_hook
-    assert install_otr(trainer, exact()) is hook
-    trainer2, _, _ = build_trainer(
-        tiny_dir / "model", tmp_path / "b", make_examples(2, VOCAB), micro_batch=1, accumulation=1
+    assert isinstance(trainer, OTRTrainerMixin)
+    callbacks = len(trainer.callback_handler.callbacks)
+    assert install_otr(trainer, exact()) is trainer
+    assert len(trainer.callback_handler.callbacks) == callbacks
+    assert sum(isinstance(cb, OTRSamplerState) for cb in trainer.callback_handler.callbacks) == 1
+    with pytest.raises(ValueError, match="already trains with"):
+        install_otr(trainer, OTRSettings(Objective("sft")))
+
+    def other_loss(outputs, labels, num_items_in_batch=None):
+        return outputs.logits.sum()
+
+    plain = Trainer(
+        model=trainer.model,
+        args=TrainingArguments(output_dir=str(tmp_path / "b"), use_cpu=True, report_to=[]),
+        compute_loss_func=other_loss,
     )
-    trainer2._otr_hook = None
     with pytest.raises(ValueError, match="already has a compute_loss_func"):
-        install_otr(trainer2, exact())
+        install_otr(plain, exact())
+
+
+def test_install_adds_overrides_without_replacing_any_method(tiny_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    trainer = Trainer(model=model, args=args)
+    install_otr(trainer, exact())
+    assert type(trainer).__mro__[1:3] == (OTRTrainerMixin, Trainer)
+    # Nothing was put on the instance: every method is the class's own.
+    for name in ("compute_loss", "log", "get_batch_samples", "_load_rng_state"):
+        assert name not in vars(trainer), name

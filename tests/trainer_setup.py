@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from axolotl_otr.objective import Objective
-from axolotl_otr.trainer_hook import OTRSettings, install_otr
+from axolotl_otr.objective import Objective, OTRSettings
+from axolotl_otr.trainer import install_otr
 
 SEQ_LEN = 24
 

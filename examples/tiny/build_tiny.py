@@ -6,6 +6,7 @@ Running the script writes::
     OUT/
       model/            randomly initialised Llama causal LM + byte-level BPE tokenizer
       data/train.jsonl  alpaca-format (instruction/input/output) synthetic tasks
+      data/heldout.jsonl  questions of the same tasks not in train.jsonl (demo accuracy)
       build_info.json   completion stamp; its presence makes later runs a no-op
 
 Usage::
@@ -29,11 +30,12 @@ if TYPE_CHECKING:
 
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: data/heldout.jsonl
 VOCAB_SIZE = 512
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = [PAD, BOS, EOS]  # ids 0, 1, 2
 NUM_EXAMPLES = 400
+NUM_HELDOUT = 96  # questions for the demo's before/after accuracy, none in train.jsonl
 
 # Text of Axolotl's default alpaca ("instruct") prompt template. It is only added
 # to the tokenizer's training corpus so the BPE merges cover the prompt scaffold
@@ -149,6 +151,25 @@ def make_examples(seed: int, n: int = NUM_EXAMPLES) -> list[Example]:
     """Return ``n`` alpaca examples, cycling through every task type in turn."""
     rng = random.Random(seed)
     return [TASKS[i % len(TASKS)](rng) for i in range(n)]
+
+
+def make_heldout(seed: int, train: list[Example], n: int = NUM_HELDOUT) -> list[Example]:
+    """``n`` examples of the tasks (in turn) whose question is in neither ``train`` nor
+    the warm-up corpus: what the demo's accuracy is measured on. Tasks with few possible
+    questions (the 16 words) may have none left; they are then skipped."""
+    seen = {(ex["instruction"], ex["input"]) for ex in train}
+    warmup = make_examples(seed + 1000, 4 * len(train))
+    seen |= {(ex["instruction"], ex["input"]) for ex in warmup}
+    rng = random.Random(seed + 2000)
+    heldout: list[Example] = []
+    for attempt in range(200 * n):
+        ex = TASKS[attempt % len(TASKS)](rng)
+        if (ex["instruction"], ex["input"]) not in seen:
+            seen.add((ex["instruction"], ex["input"]))
+            heldout.append(ex)
+            if len(heldout) == n:
+                break
+    return heldout
 
 
 def _corpus(examples: list[Example]) -> Iterator[str]:
@@ -269,6 +290,7 @@ def is_complete(out: Path, seed: int, pretrain_steps: int = 0) -> bool:
         return False
     needed = [
         out / "data" / "train.jsonl",
+        out / "data" / "heldout.jsonl",
         out / "model" / "config.json",
         out / "model" / "model.safetensors",
         out / "model" / "tokenizer.json",
@@ -295,6 +317,9 @@ def build(out: Path, *, seed: int = 0, force: bool = False, pretrain_steps: int 
     data_dir.mkdir(parents=True)
     with (data_dir / "train.jsonl").open("w", encoding="utf-8") as fh:
         for ex in examples:
+            fh.write(json.dumps(ex) + "\n")
+    with (data_dir / "heldout.jsonl").open("w", encoding="utf-8") as fh:
+        for ex in make_heldout(seed, examples):
             fh.write(json.dumps(ex) + "\n")
 
     tokenizer = build_tokenizer(examples)

@@ -1,8 +1,9 @@
 """Print the OTR metrics of an `axolotl train` run from its captured console output.
 
-Usage: ``python examples/tiny/summarize_run.py LOGFILE``. Reads the log dicts the
-Trainer prints (``{'loss': ..., 'otr/ce': ...}``) and shows the first and last steps,
-so a user sees at a glance that the run learns even though OTR loss values are small.
+Usage: ``python examples/tiny/summarize_run.py LOGFILE [--plot PNG]``. Reads the log
+dicts the Trainer prints (``{'loss': ..., 'otr/ce': ...}``) and shows the first and last
+steps, so a user sees at a glance that the run learns even though OTR loss values are
+small. With ``--plot`` it also draws the OTR metrics over the steps (needs matplotlib).
 """
 
 from __future__ import annotations
@@ -63,8 +64,59 @@ def summarize(logs: list[dict[str, float]], edge: int = 3) -> str:
     return "\n".join(lines)
 
 
+PLOTTED = (
+    ("loss", "OTR loss (not a cross-entropy)"),
+    ("otr/ce", "cross-entropy on the targets"),
+    ("otr/p_target", "mean p(target)"),
+    ("otr/hit_rate", "hit rate of the K samples"),
+    ("otr/entropy", "entropy of the policy (nats)"),
+)
+
+
+def plot(logs: list[dict[str, float]], path: Path) -> Path:
+    """Write a PNG of the OTR metrics over the training steps; return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [log for log in logs if "loss" in log]
+    if not steps:
+        raise ValueError("no training steps were logged: nothing to plot")
+    x = list(range(1, len(steps) + 1))
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(3.2 * len(PLOTTED), 2.8))
+    window = max(1, len(steps) // 10)
+    for ax, (key, title) in zip(axes, PLOTTED, strict=True):
+        values = [log.get(key, float("nan")) for log in steps]
+        ax.plot(x, values, lw=0.8, alpha=0.35, color="tab:blue", label="per step")
+        smooth = [
+            sum(values[max(0, i - window + 1) : i + 1])
+            / len(values[max(0, i - window + 1) : i + 1])
+            for i in range(len(values))
+        ]
+        ax.plot(x, smooth, lw=1.6, color="tab:blue", label=f"mean of {window} steps")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("OTR fine-tune: metrics per optimizer step", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    png = None
+    if "--plot" in args:
+        at = args.index("--plot")
+        if at + 1 >= len(args):
+            print("--plot needs a PNG path", file=sys.stderr)
+            return 2
+        png = Path(args[at + 1])
+        args = args[:at] + args[at + 2 :]
     if len(args) != 1:
         print(__doc__.strip().splitlines()[2], file=sys.stderr)
         return 2
@@ -72,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     if not path.is_file():
         print(f"no such log file: {path}", file=sys.stderr)
         return 2
-    print(summarize(parse_logs(path.read_text(errors="replace"))))
+    logs = parse_logs(path.read_text(errors="replace"))
+    print(summarize(logs))
+    if png is not None:
+        print(f"metrics plot: {plot(logs, png).resolve()}")
     return 0
 
 

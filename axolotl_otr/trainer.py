@@ -1,0 +1,210 @@
+"""OTR in a Hugging Face / Axolotl trainer, through the Trainer's documented extension points.
+
+Choice: a trainer mixin (``OTRTrainerMixin``), the way Axolotl's own integrations (KD)
+change a trainer. It overrides public methods the Trainer documents as overridable
+(``compute_loss``, ``log``, ``get_batch_samples``) and always calls ``super()``, so
+Axolotl's and the HF Trainer's own logic keeps running around it. The loss itself sits in
+the Trainer's documented ``compute_loss_func`` slot, so the Trainer keeps counting
+``num_items_in_batch`` over the whole accumulation window and scaling for data
+parallelism exactly as it does for cross-entropy. The sampler's seed travels with
+checkpoints through a stateful callback (``sampler.py``). Nothing private is touched and
+no method of an object is replaced.
+
+- Axolotl: the plugin returns ``with_otr(AxolotlTrainer)`` from ``get_trainer_cls`` and
+  attaches the settings in ``post_trainer_create``.
+- A plain ``transformers.Trainer``: ``install_otr(trainer, settings)`` (or construct
+  ``with_otr(Trainer)(...)`` and call ``attach_otr(settings)``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .loss import count_sequences, weighted_loss
+from .metrics import EVAL_PREFIX, StatsAccumulator
+from .objective import OTRSettings
+from .output_layer import OutputLayer, choose_output_layer
+from .router_loss import router_loss
+from .sampler import OTRSamplerState, StepSampler
+
+# Under "axolotl." so Axolotl's own log configuration shows these lines.
+LOG = logging.getLogger("axolotl.otr")
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What one ``compute_loss`` call tells the loss function about its batch."""
+
+    phase: str  # "train" or "eval"
+    position_ids: torch.Tensor | None
+    hidden: bool  # the model returned hidden states instead of full logits
+    model: torch.nn.Module
+
+
+class OTRTrainerMixin:
+    """Trains with the OTR loss once ``attach_otr`` gave it settings (inert before)."""
+
+    otr_settings: OTRSettings | None = None
+
+    def attach_otr(self, settings: OTRSettings) -> OTRTrainerMixin:
+        """Turn OTR on with ``settings`` (a second call with the same settings is a no-op)."""
+        if self.otr_settings is not None:
+            if self.otr_settings != settings:
+                raise ValueError(
+                    f"otr: this trainer already trains with {self.otr_settings}; "
+                    f"refusing to switch to {settings}"
+                )
+            return self
+        if getattr(self, "compute_loss_func", None) is not None:
+            raise ValueError(
+                "otr: the trainer already has a compute_loss_func "
+                f"({self.compute_loss_func!r}); another option or plugin replaces the "
+                "loss, and OTR would silently override it. Disable one of them."
+            )
+        self.otr_settings = settings
+        self.otr_output_layer = choose_output_layer(self, settings.fused)
+        self.otr_metrics = StatsAccumulator()
+        self.otr_sampler = StepSampler(settings.seed, self.args.process_index)
+        self._otr_call: _Call | None = None
+        self._otr_window_sequences: int | None = None
+        self.compute_loss_func = self._otr_loss_func
+        self.add_callback(OTRSamplerState(settings.seed))
+        path = (
+            "chunked from hidden states"
+            if self.otr_output_layer.weight_and_bias
+            else f"from full logits ({self.otr_output_layer.reason})"
+        )
+        LOG.info("OTR on (%s): %s; loss computed %s", type(self).__name__, settings, path)
+        return self
+
+    @property
+    def output_layer(self) -> OutputLayer:
+        """The lm_head accessor of the hidden-state path (``weight_and_bias`` None: logits)."""
+        return self.otr_output_layer
+
+    # ---- loss ---------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.otr_settings is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        hidden = (
+            self.otr_output_layer.weight_and_bias is not None
+            and model.training
+            and not return_outputs
+        )
+        if hidden:
+            inputs = {**inputs, "logits_to_keep": 1, "output_hidden_states": True}
+        self._otr_call = _Call(
+            phase="train" if model.training else "eval",
+            position_ids=inputs.get("position_ids"),
+            hidden=hidden,
+            model=model,
+        )
+        try:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        finally:
+            self._otr_call = None
+
+    def _otr_loss_func(self, outputs, labels, num_items_in_batch=None):
+        """The ``compute_loss_func`` the Trainer calls with the model outputs."""
+        call = self._otr_call
+        if call is None:
+            raise RuntimeError("otr: the loss function was called outside compute_loss")
+        if labels is None:
+            raise ValueError("otr: the batch has no labels; OTR needs target tokens")
+        settings = self.otr_settings
+        training = call.phase == "train"
+        units = num_items_in_batch
+        if settings.normalization == "sequence":
+            units = self._otr_window_sequences if training else None
+        if call.hidden:
+            activations = outputs.hidden_states[-1]
+            lm_head = self.otr_output_layer.weight_and_bias()
+        else:
+            activations = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+            lm_head = None
+        generator = self.otr_sampler.generator(
+            activations.device, call.phase, self.state.global_step
+        )
+        loss, stats = weighted_loss(
+            activations, labels, settings, lm_head=lm_head, num_items_in_batch=units,
+            position_ids=call.position_ids, generator=generator,
+        )  # fmt: skip
+        steps = self._otr_accumulation_steps() if training else 1
+        if units is None:
+            # No window count: each micro-batch is its own mean, so average the window.
+            loss = loss / steps
+        aux = router_loss(outputs, call.model)
+        if aux is not None:
+            loss = loss + aux.to(loss.device) / (steps * self._otr_world_scale(num_items_in_batch))
+        self.otr_metrics.add(call.phase, stats)
+        return loss
+
+    def _otr_accumulation_steps(self) -> int:
+        return getattr(
+            self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
+        )
+
+    def _otr_world_scale(self, num_items_in_batch) -> int:
+        """The factor the Trainer multiplies a ``compute_loss_func`` loss by (token counts
+        across devices). The router term is divided by it first, so after DDP's gradient
+        mean it is the mean of the processes' router losses, as for one process."""
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            return max(self.accelerator.num_processes, 1)
+        return 1
+
+    def get_batch_samples(self, *args, **kwargs):
+        """Count the sequences of the accumulation window (``sequence`` normalization)."""
+        batch_samples, num_items = super().get_batch_samples(*args, **kwargs)
+        if self.otr_settings is not None and self.otr_settings.normalization == "sequence":
+            count = sum(
+                count_sequences(batch["labels"], batch.get("position_ids"))
+                for batch in batch_samples
+                if "labels" in batch
+            )
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                device = self.args.device
+                count = int(self.accelerator.gather(torch.tensor([count], device=device)).sum())
+            self._otr_window_sequences = count
+        return batch_samples, num_items
+
+    # ---- logging ------------------------------------------------------------------
+    def log(self, logs: dict[str, float], *args, **kwargs):
+        """Add the OTR metrics of the steps since the last log, then log as usual."""
+        if self.otr_settings is not None:
+            if "loss" in logs:
+                logs.update(self.otr_metrics.pop_metrics("train", "", self._otr_reduce))
+            elif any(key.startswith(EVAL_PREFIX) for key in logs):
+                logs.update(self.otr_metrics.pop_metrics("eval", EVAL_PREFIX, self._otr_reduce))
+        return super().log(logs, *args, **kwargs)
+
+    def _otr_reduce(self, stats: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes <= 1:
+            return stats
+        return self.accelerator.reduce(stats.to(self.accelerator.device), reduction="sum")
+
+
+@functools.cache
+def with_otr(trainer_cls: type) -> type:
+    """``trainer_cls`` with OTR: a subclass whose MRO puts ``OTRTrainerMixin`` first."""
+    if issubclass(trainer_cls, OTRTrainerMixin):
+        return trainer_cls
+    return type(f"OTR{trainer_cls.__name__}", (OTRTrainerMixin, trainer_cls), {})
+
+
+def install_otr(trainer: Any, settings: OTRSettings) -> OTRTrainerMixin:
+    """Attach OTR to an existing ``transformers.Trainer`` (or subclass) instance.
+
+    The instance becomes an instance of ``with_otr(type(trainer))``: a subclass that adds
+    overrides of public methods; none of the instance's methods are replaced. Returns the
+    trainer (idempotent for the same settings).
+    """
+    if not isinstance(trainer, OTRTrainerMixin):
+        trainer.__class__ = with_otr(type(trainer))
+    return trainer.attach_otr(settings)
