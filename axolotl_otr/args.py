@@ -12,10 +12,12 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from .objective import (
     DEFAULT_BETA,
+    DEFAULT_COMPILE,
     DEFAULT_NUM_SAMPLES,
     DEFAULT_SFT_MIX,
     DEFAULT_TEMPERATURE,
     check_beta,
+    check_compile,
     check_num_samples,
     check_sft_mix,
     check_temperature,
@@ -97,6 +99,13 @@ class OTRArgs(BaseModel):
         default=None,
         json_schema_extra={"description": "Positions per loss chunk (default: automatic)."},
     )
+    otr_compile: bool = Field(
+        default=DEFAULT_COMPILE,
+        json_schema_extra={
+            "description": "torch.compile the per-chunk loss math (Inductor fuses its "
+            "passes); costs a compile at the first step."
+        },
+    )
     otr_seed: int | None = Field(
         default=None,
         json_schema_extra={"description": "Seed of the token sampler (default: `seed`)."},
@@ -128,6 +137,11 @@ class OTRArgs(BaseModel):
         if value is not None and value < 1:
             raise ValueError(f"otr_chunk_size must be a positive integer or null, got {value}")
         return value
+
+    @field_validator("otr_compile", mode="before")
+    @classmethod
+    def _check_compile(cls, value: Any) -> Any:
+        return check_compile(value)
 
     @model_validator(mode="after")
     def _sft_mix_needs_otr_objective(self) -> OTRArgs:

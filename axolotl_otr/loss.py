@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .chunk_math import STAT_NAMES
-from .fused import default_chunk_size, fused_linear_loss, fused_logits_loss
+from .fused import fused_linear_loss, fused_logits_loss
 from .objective import (
     DEFAULT_BETA,
     DEFAULT_NUM_SAMPLES,
@@ -152,13 +152,15 @@ def otr_loss(
     chunk_size: int | None = None,
     ignore_index: int = IGNORE_INDEX,
     return_metrics: bool = False,
+    compile: bool = False,
 ):
     """One-Token Rollout loss of causal-LM ``logits`` [batch, seq, vocab].
 
     Returns the scalar loss, or ``(loss, stats)`` with ``return_metrics=True``, where
     ``stats`` is the summed statistics vector (``STAT_NAMES``; turn it into means with
     ``stats_to_metrics``). A batch without any target token gives a zero loss that is
-    still connected to ``logits`` (zero gradient).
+    still connected to ``logits`` (zero gradient). ``compile`` runs the per-chunk math
+    through ``torch.compile`` (config key ``otr_compile``).
     """
     flat, targets, obj, chunk = _prepare(
         logits, labels, logits.shape[-1], objective, num_samples, temperature, beta,
@@ -166,7 +168,7 @@ def otr_loss(
         chunk_size,
     )  # fmt: skip
     loss, stats = fused_logits_loss(
-        flat, targets.rows, targets.tokens, targets.scale, obj, generator, chunk
+        flat, targets.rows, targets.tokens, targets.scale, obj, generator, chunk, compile
     )
     return (loss, stats) if return_metrics else loss
 
@@ -190,6 +192,7 @@ def otr_loss_from_hidden(
     chunk_size: int | None = None,
     ignore_index: int = IGNORE_INDEX,
     return_metrics: bool = False,
+    compile: bool = False,
 ):
     """``otr_loss`` of ``hidden_states @ lm_head_weight.T (+ bias)``, never holding the
     logits of the whole batch: they are computed, used and dropped chunk by chunk.
@@ -209,6 +212,7 @@ def otr_loss_from_hidden(
         obj,
         generator,
         chunk,
+        compile,
     )
     return (loss, stats) if return_metrics else loss
 
@@ -228,7 +232,7 @@ def _prepare(
     position_ids: torch.Tensor | None,
     ignore_index: int,
     chunk_size: int | None,
-) -> tuple[torch.Tensor, Targets, Objective, int]:
+) -> tuple[torch.Tensor, Targets, Objective, int | None]:
     """Validate the settings and shapes; flatten [batch, seq, D] to rows; pick targets."""
     obj = _objective(objective, num_samples, temperature, beta, estimator, sft_mix)
     if activations.dim() == 2:
@@ -247,7 +251,7 @@ def _prepare(
     )
     _check_vocab(targets, vocab_size, ignore_index)
     flat = activations.reshape(-1, activations.shape[-1])
-    return flat, targets, obj, chunk_size or default_chunk_size(vocab_size)
+    return flat, targets, obj, chunk_size  # None: fused.default_chunk_size, per device
 
 
 def _check_vocab(targets: Targets, vocab_size: int, ignore_index: int) -> None:

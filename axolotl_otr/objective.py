@@ -21,6 +21,9 @@ MAX_NUM_SAMPLES = 1 << 20
 MAX_TEMPERATURE = 100.0
 MIN_BETA = -1.0  # below this the unlikelihood push dominates the target term
 DEFAULT_SFT_MIX = 0.0  # lambda: share of plain cross-entropy mixed into the OTR weights
+# otr_compile: torch.compile the per-chunk math. Off: on CPU it was not faster
+# (bench/loss_speed.py --compile), and on a GPU it has not been measured yet.
+DEFAULT_COMPILE = False
 
 
 class OTRConfigError(ValueError):
@@ -110,6 +113,13 @@ def check_sft_mix(value: object) -> float:
     """lambda must be finite and in [0, 1]: 0 is pure OTR, 1 is plain cross-entropy."""
     if not _finite_number(value) or not 0.0 <= value <= 1.0:
         raise OTRConfigError(f"otr_sft_mix must be in [0, 1], got {value!r}")
+    return value
+
+
+def check_compile(value: object) -> bool:
+    """otr_compile must be a true boolean (a YAML typo like "ture" must not pass)."""
+    if not isinstance(value, bool):
+        raise OTRConfigError(f"otr_compile must be true or false, got {value!r}")
     return value
 
 

@@ -19,7 +19,7 @@ import torch
 
 from .loss import count_sequences, otr_loss, otr_loss_from_hidden
 from .metrics import StatsAccumulator
-from .objective import Objective, validate_normalization
+from .objective import DEFAULT_COMPILE, Objective, validate_normalization
 from .output_layer import OutputLayer, resolve_output_layer
 
 # Under "axolotl." so Axolotl's own log configuration shows these lines.
@@ -37,6 +37,7 @@ class OTRSettings:
     fused: bool = True
     chunk_size: int | None = None
     seed: int = 42
+    compile: bool = DEFAULT_COMPILE
 
     def __post_init__(self) -> None:
         validate_normalization(self.normalization)
@@ -61,6 +62,7 @@ class OTRSettings:
             fused=bool(get("otr_fused", True)),
             chunk_size=get("otr_chunk_size", None),
             seed=int(get("otr_seed", get("seed", 42))),
+            compile=get("otr_compile", DEFAULT_COMPILE),
         )
 
 
@@ -165,6 +167,7 @@ class OTRTrainerHook:
             num_items_in_batch=units,
             position_ids=self._position_ids,
             chunk_size=self.settings.chunk_size,
+            compile=self.settings.compile,
             return_metrics=True,
         )
         if self._use_hidden:
