@@ -15,7 +15,8 @@ instead of allocating a scaled copy of a [positions, vocab] tensor.
 GPU notes: off the CPU the loop never reads a device value on the host (``_sync_free``):
 chunks are gathered by index instead of planned from a host copy of the row ids, NaN/Inf
 logits are detected through a device flag checked once at the end of forward (the one
-sync of a call), and backward scales the saved gradients in place.
+sync of a call), and backward scales the saved gradients in place (so only one backward
+per loss there).
 """
 
 from __future__ import annotations
@@ -113,36 +114,35 @@ def _check_finite(finite: torch.Tensor) -> None:
 
 
 class _Scaler:
-    """Scales saved gradients by the incoming gradient in backward.
+    """Scales the saved gradients by the incoming gradient in backward.
 
     On CPU (where reading ``grad_loss`` is free) the saved tensor itself is returned
     when ``grad_loss`` is 1, so autograd can hand it over as the leaf's ``.grad``
-    instead of allocating a scaled copy at the moment memory peaks. Sync-free (GPU): the
-    saved tensors are scaled in place by ``grad_loss / (the factor already applied)``,
-    which is exact for a plain ``loss.backward()`` (factor 1) and keeps a second
-    backward through a retained graph right (autograd copies a retained gradient before
-    accumulating it), except after an upstream gradient of exactly 0, which gives NaN.
+    instead of allocating a scaled copy at the moment memory peaks. Sync-free (GPU) the
+    saved tensors are scaled in place by ``grad_loss``, with no copy and no host read;
+    their unscaled values are then gone, so a second backward through a retained graph
+    raises instead of returning a wrong gradient.
     """
 
     def __init__(self, sync_free: bool) -> None:
         self.sync_free = sync_free
-        self.applied: torch.Tensor | float = 1.0
+        self.calls = 0
 
-    def factor(self, grad_loss: torch.Tensor) -> torch.Tensor | None:
-        """The in-place factor for this backward (sync-free), or None (CPU)."""
-        if not self.sync_free:
-            return None
-        factor = grad_loss.float() / self.applied
-        self.applied = grad_loss.detach().float()
-        return factor
+    def start(self) -> None:
+        """Called once per backward, before scaling."""
+        self.calls += 1
+        if self.sync_free and self.calls > 1:
+            raise RuntimeError(
+                "OTR loss: a second backward through the same loss (retain_graph=True) is "
+                "not supported off CPU: the first one scaled the saved gradient in place "
+                "to avoid a host sync. Compute the loss again for another backward."
+            )
 
-    def __call__(
-        self, grad: torch.Tensor | None, grad_loss: torch.Tensor, factor: torch.Tensor | None
-    ) -> torch.Tensor | None:
+    def __call__(self, grad: torch.Tensor | None, grad_loss: torch.Tensor) -> torch.Tensor | None:
         if grad is None:
             return None
-        if factor is not None:
-            return grad.mul_(factor.to(grad.dtype))
+        if self.sync_free:
+            return grad.mul_(grad_loss.to(grad.dtype))
         if bool((grad_loss == 1).all()):
             return grad
         return grad * grad_loss.to(grad.dtype)
@@ -197,9 +197,9 @@ class FusedLogitsLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
+        ctx.scaler.start()
         (grad,) = ctx.saved_tensors
-        scaled = ctx.scaler(grad, grad_loss, ctx.scaler.factor(grad_loss))
-        return scaled, None, None, None, None, None, None, None
+        return ctx.scaler(grad, grad_loss), None, None, None, None, None, None, None
 
 
 class FusedLinearLoss(torch.autograd.Function):
@@ -289,13 +289,13 @@ class FusedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
+        ctx.scaler.start()
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        factor = ctx.scaler.factor(grad_loss)
-        grad_h = ctx.scaler(grad_h, grad_loss, factor)
+        grad_h = ctx.scaler(grad_h, grad_loss)
         if grad_w is not None:
-            grad_w = ctx.scaler(grad_w, grad_loss, factor).to(ctx.weight_dtype)
+            grad_w = ctx.scaler(grad_w, grad_loss).to(ctx.weight_dtype)
         if grad_b is not None:
-            grad_b = ctx.scaler(grad_b, grad_loss, factor).to(ctx.bias_dtype)
+            grad_b = ctx.scaler(grad_b, grad_loss).to(ctx.bias_dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
 
 
