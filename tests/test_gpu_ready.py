@@ -236,9 +236,7 @@ def test_bf16_autocast_weight_gradient_is_accumulated_in_fp32(
 
 def test_default_chunk_size_per_device():
     # CPU: unchanged, 64 MiB of fp32 logits
-    assert fused.default_chunk_size(151936, 2048, "cpu", 896) == fused.CHUNK_BYTES // (
-        4 * 151936
-    )
+    assert fused.default_chunk_size(151936, 2048, "cpu", 896) == fused.CHUNK_BYTES // (4 * 151936)
     # GPU, hidden path: Liger's rule, next_power_of_2(ceil(2048 / ceil(151936 / 896)))
     assert fused.default_chunk_size(151936, 2048, "cuda", 896) == 16
     assert fused.default_chunk_size(151936, 4096, "cuda", 1536) == 64  # ceil(4096 / 99) = 42
