@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from draws import replaying
 from reference import per_token_loss, reference_loss, shifted
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -152,18 +153,6 @@ def test_sync_free_chunked_loss_reads_the_device_once_per_forward(estimator, syn
         patch.setattr(fused, "_sync_free", lambda device: False)
         reads = count_host_reads(lambda: fused_cpu(flat, weight, None, *args, False))
     assert reads > 2
-
-
-def replaying(draws: list):
-    """A ``sample_tokens`` that hands out the recorded ``draws`` again, row by row in
-    order, whatever the chunking (same samples in both runs)."""
-    rows = [row for batch in draws for row in batch]
-
-    def replay(probs, num_samples, generator):
-        taken = [rows.pop(0) for _ in range(probs.shape[0])]
-        return torch.stack(taken)
-
-    return replay
 
 
 # Inductor compiles C++ per graph (seconds each): tiny shapes, both estimators in one
