@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from .objective import (
     DEFAULT_BETA,
+    DEFAULT_COMPILE,
     DEFAULT_ESTIMATOR,
     DEFAULT_FUSED,
     DEFAULT_NORMALIZATION,
@@ -25,6 +26,7 @@ from .objective import (
     OBJECTIVES,
     check_beta,
     check_chunk_size,
+    check_compile,
     check_num_samples,
     check_sft_mix,
     check_sft_mix_objective,
@@ -107,6 +109,13 @@ class OTRArgs(BaseModel):
         default=None,
         json_schema_extra={"description": "Positions per loss chunk (default: automatic)."},
     )
+    otr_compile: bool = Field(
+        default=DEFAULT_COMPILE,
+        json_schema_extra={
+            "description": "torch.compile the per-chunk loss math (Inductor fuses its "
+            "passes); costs a compile at the first step."
+        },
+    )
     otr_seed: int | None = Field(
         default=None,
         json_schema_extra={"description": "Seed of the token sampler (default: `seed`)."},
@@ -136,6 +145,11 @@ class OTRArgs(BaseModel):
     @classmethod
     def _check_chunk_size(cls, value: int | None) -> int | None:
         return check_chunk_size(value)
+
+    @field_validator("otr_compile", mode="before")
+    @classmethod
+    def _check_compile(cls, value: Any) -> Any:
+        return check_compile(value)
 
     @model_validator(mode="after")
     def _sft_mix_needs_otr_objective(self) -> OTRArgs:

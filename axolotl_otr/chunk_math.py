@@ -19,11 +19,18 @@ across chunks (a fresh multi-megabyte tensor per chunk costs page faults that we
 biggest single cost on CPU), the gradient is built in the softmax's own buffer (which may
 be the caller's final gradient storage), softmax normalizations are folded into per-row
 factors instead of a division pass, and the sampler gets unnormalized weights.
+
+GPU notes: nothing here reads a device value on the host (the NaN/Inf test is a device
+flag the caller checks once per loss call), and the math before and after sampling is
+two functions, ``chunk_head`` and ``chunk_tail``, that ``torch.compile(fullgraph=True)``
+traces whole (``compiled_stages``), so Inductor can fuse their [n, V] passes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -40,6 +47,7 @@ class ChunkResult:
     loss: torch.Tensor  # scalar, sum_t scale_t * l_t
     grad: torch.Tensor | None  # [n, V] fp32, scale_t * dl_t/dz_t
     stats: torch.Tensor  # [len(STAT_NAMES)] fp32 sums
+    finite: torch.Tensor  # 0-dim bool on the logits' device: no NaN/Inf row
 
 
 @dataclass
@@ -57,13 +65,20 @@ class Workspace:
         """A contiguous fp32 buffer of ``like``'s 2-D shape and device (contents undefined)."""
         return self.take_shape(name, like.shape[0], like.shape[1], like.device)
 
-    def take_shape(self, name: str, rows: int, cols: int, device: torch.device) -> torch.Tensor:
-        """A contiguous fp32 [rows, cols] buffer on ``device`` (contents undefined)."""
+    def take_shape(
+        self,
+        name: str,
+        rows: int,
+        cols: int,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """A contiguous [rows, cols] buffer on ``device`` (contents undefined)."""
         shape = (rows, cols)
         numel = rows * cols
         buf = self.buffers.get(name)
-        if buf is None or buf.numel() < numel or buf.device != device:
-            buf = torch.empty(numel, dtype=torch.float32, device=device)
+        if buf is None or buf.numel() < numel or buf.device != device or buf.dtype != dtype:
+            buf = torch.empty(numel, dtype=dtype, device=device)
             self.buffers[name] = buf
         return buf[:numel].view(shape)
 
@@ -90,54 +105,87 @@ def sample_tokens(
     return torch.multinomial(probs, num_samples, replacement=True, generator=generator)
 
 
-def weighted_nll_chunk(
-    z: torch.Tensor,
-    targets: torch.Tensor,
-    scale: torch.Tensor,
-    objective: Objective,
-    generator: torch.Generator | None = None,
-    need_grad: bool = True,
-    out: torch.Tensor | None = None,
-    workspace: Workspace | None = None,
-) -> ChunkResult:
-    """Loss sum, logit gradient and statistics of one chunk.
+class Head(NamedTuple):
+    """Everything the chunk's loss and gradient need before any token is sampled."""
 
-    Args:
-        z: [n, V] fp32 logits (not modified).
-        targets: [n] int64 target token ids (all valid).
-        scale: [n] fp32 normalization weight of each position (e.g. 1 / tokens).
-        objective: which weights to use.
-        generator: RNG for the sampled estimator.
-        need_grad: skip the gradient when only the value is wanted (evaluation).
-        out: optional contiguous [n, V] fp32 tensor that receives the gradient (e.g. a
-            slice of the caller's gradient of the whole batch), saving a copy.
-        workspace: reusable scratch buffers; pass the same one for every chunk. Without
-            ``out`` the returned gradient lives in it, valid until the next chunk.
+    pi: torch.Tensor  # [n, V] exp(z - max), unnormalized (later the gradient's buffer)
+    inv_sum: torch.Tensor  # [n, 1] 1 / sum(pi)
+    lse: torch.Tensor  # [n, 1] log-sum-exp of z
+    logp_y: torch.Tensor  # [n] log pi(y)
+    entropy: torch.Tensor  # [n]
+    rollout: torch.Tensor | None  # [n, V] unnormalized rollout policy pi' (OTR only)
+    inv_rollout_sum: torch.Tensor | None  # [n, 1] 1 / sum(rollout), when computed
+    finite: torch.Tensor  # 0-dim bool: every row's max logit is finite
+
+
+def nonfinite_error() -> FloatingPointError:
+    """The error every path raises when the logits hold NaN or Inf."""
+    return FloatingPointError(
+        "OTR loss: the logits contain NaN or Inf; the model's forward pass diverged "
+        "(check the learning rate, the data, or fp16 overflow)."
+    )
+
+
+def _buffer(ws: Workspace | None, name: str, like: torch.Tensor) -> torch.Tensor | None:
+    """A reused buffer in eager mode; None (a fresh tensor) when compiled or without one."""
+    return ws.take(name, like) if ws is not None else None
+
+
+def chunk_head(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    objective: Objective,
+    out: torch.Tensor | None = None,
+    ws: Workspace | None = None,
+) -> Head:
+    """Softmax, log pi(y), entropy and the rollout weights of one chunk (no sampling).
+
+    ``y`` is [n, 1]. No host sync: whether the logits are finite is returned as a
+    device flag, so a caller on a GPU can check it once per loss call.
     """
-    ws = workspace if workspace is not None else Workspace()
-    y = targets.unsqueeze(1)
     row_max = z.amax(-1, keepdim=True)
-    if not torch.isfinite(row_max).all():
-        raise FloatingPointError(
-            "OTR loss: the logits contain NaN or Inf; the model's forward pass diverged "
-            "(check the learning rate, the data, or fp16 overflow)."
-        )
+    finite = torch.isfinite(row_max).all()
     # exp(z - max), left unnormalized: 1 / sum is folded into the per-row factors below,
     # which saves a division pass. (torch.softmax and max-with-indices would save a pass
     # too, but they spawn threads even for tiny rows, which costs milliseconds per call
     # on a busy CPU.)
-    pi = torch.sub(z, row_max, out=out if out is not None else ws.take("pi", z)).exp_()
+    pi = torch.sub(z, row_max, out=out if out is not None else _buffer(ws, "pi", z)).exp_()
     inv_sum = pi.sum(-1, keepdim=True).reciprocal_()
     lse = row_max - inv_sum.log()
     logp_y = z.gather(1, y).sub_(lse).view(-1)
-    p_y = logp_y.exp()
-    product = ws.take("product", z)
-    entropy = lse.view(-1) - rowdot(pi, z, product) * inv_sum.view(-1)
+    entropy = lse.view(-1) - rowdot(pi, z, _buffer(ws, "product", z)) * inv_sum.view(-1)
+    rollout = inv_rollout_sum = None
+    if objective.kind == "otr":
+        kappa = objective.temperature
+        if kappa == 1.0:
+            rollout, inv_rollout_sum = pi, inv_sum
+        else:
+            # exp((z - max) / kappa) in one pass: -max / kappa + z / kappa.
+            shift = row_max * (-1.0 / kappa)
+            rollout = torch.add(shift, z, alpha=1.0 / kappa, out=_buffer(ws, "rollout", z))
+            rollout = rollout.exp_()
+    return Head(pi, inv_sum, lse, logp_y, entropy, rollout, inv_rollout_sum, finite)
 
+
+def chunk_tail(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    objective: Objective,
+    head: Head,
+    draws: torch.Tensor | None,
+    need_grad: bool,
+    ws: Workspace | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(scaled loss sum, gradient or None, statistics) from the head and the draws.
+
+    The gradient is built in place in ``head.pi``'s buffer.
+    """
+    pi, inv_sum, lse, logp_y, entropy = head.pi, head.inv_sum, head.lse, head.logp_y, head.entropy
+    p_y = logp_y.exp()
     beta = 0.0  # weight of the dense (non-target) rollout term in w
     dense_beta = None  # exp((z - max) / kappa), entering w with weight beta (exact OTR)
     dense_factor = None  # its per-row factor in the gradient
-    draws = None
     if objective.kind == "sft":
         target_weight = torch.ones_like(p_y)
         total_weight = target_weight
@@ -153,29 +201,22 @@ def weighted_nll_chunk(
         # The mix scales every OTR weight by (1 - lambda) and adds lambda at the target.
         beta = (1.0 - lam) * objective.beta
         target_share = (1.0 - lam) * (1.0 - objective.beta)
-        kappa = objective.temperature
-        if kappa == 1.0:
-            rollout, inv_rollout_sum = pi, inv_sum
-        else:
-            # exp((z - max) / kappa) in one pass: -max / kappa + z / kappa.
-            shift = row_max * (-1.0 / kappa)
-            rollout = torch.add(shift, z, alpha=1.0 / kappa, out=ws.take("rollout", z)).exp_()
-            inv_rollout_sum = None
+        rollout = head.rollout
         if objective.estimator == "exact":
+            inv_rollout_sum = head.inv_rollout_sum
             if inv_rollout_sum is None:
                 inv_rollout_sum = rollout.sum(-1, keepdim=True).reciprocal_()
             hit = rollout.gather(1, y).mul_(inv_rollout_sum).view(-1)
             target_weight = lam + target_share * hit
             total_weight = beta + target_weight
             # E_{pi'}[log pi]
+            product = _buffer(ws, "product", z)
             mean_logp = rowdot(rollout, z, product) * inv_rollout_sum.view(-1) - lse.view(-1)
             loss_t = -(beta * mean_logp + target_weight * logp_y)
             dense_beta = rollout
             dense_factor = inv_rollout_sum.view(-1)
         else:
             k = objective.num_samples
-            # The sampler normalizes by the CDF: unnormalized weights are enough.
-            draws = sample_tokens(rollout, k, generator)
             hit = (draws == y).sum(1).to(z.dtype) / k
             target_weight = lam + target_share * hit
             total_weight = beta + target_weight
@@ -183,17 +224,11 @@ def weighted_nll_chunk(
             loss_t = -(beta * mean_logp + target_weight * logp_y)
 
     stats = torch.stack(
-        [
-            torch.tensor(float(z.shape[0]), device=z.device),
-            (-logp_y).sum(),
-            p_y.sum(),
-            hit.sum(),
-            entropy.sum(),
-        ]
+        [torch.ones_like(p_y).sum(), (-logp_y).sum(), p_y.sum(), hit.sum(), entropy.sum()]
     )
     loss = (loss_t * scale).sum()
     if not need_grad:
-        return ChunkResult(loss=loss, grad=None, stats=stats)
+        return loss, None, stats
 
     # grad = scale * (total_weight * pi - w), built in place in pi's buffer (which holds
     # exp(z - max); inv_sum normalizes it).
@@ -208,4 +243,73 @@ def weighted_nll_chunk(
     if draws is not None:
         per_draw = (-beta / objective.num_samples) * scale
         grad.scatter_add_(1, draws, per_draw.unsqueeze(1).expand_as(draws))
-    return ChunkResult(loss=loss, grad=grad, stats=stats)
+    return loss, grad, stats
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_stages() -> tuple[Callable, Callable]:
+    """``chunk_head`` and ``chunk_tail`` under ``torch.compile(fullgraph=True)``.
+
+    Compiled once per process; dynamic shapes, so the short last chunk of a call does
+    not recompile. Sampling stays outside: ``torch.multinomial`` with a ``Generator``
+    does not trace, and the draws must come from the caller's seeded generator.
+    """
+    if not _COMPILED:
+        _COMPILED["head"] = torch.compile(chunk_head, fullgraph=True, dynamic=True)
+        _COMPILED["tail"] = torch.compile(chunk_tail, fullgraph=True, dynamic=True)
+    return _COMPILED["head"], _COMPILED["tail"]
+
+
+def weighted_nll_chunk(
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    scale: torch.Tensor,
+    objective: Objective,
+    generator: torch.Generator | None = None,
+    need_grad: bool = True,
+    out: torch.Tensor | None = None,
+    workspace: Workspace | None = None,
+    check_finite: bool = True,
+    compile: bool = False,
+) -> ChunkResult:
+    """Loss sum, logit gradient and statistics of one chunk.
+
+    Args:
+        z: [n, V] fp32 logits (not modified).
+        targets: [n] int64 target token ids (all valid).
+        scale: [n] fp32 normalization weight of each position (e.g. 1 / tokens).
+        objective: which weights to use.
+        generator: RNG for the sampled estimator.
+        need_grad: skip the gradient when only the value is wanted (evaluation).
+        out: optional contiguous [n, V] fp32 tensor that receives the gradient (e.g. a
+            slice of the caller's gradient of the whole batch), saving a copy.
+        workspace: reusable scratch buffers; pass the same one for every chunk. Without
+            ``out`` the returned gradient lives in it, valid until the next chunk.
+        check_finite: raise on NaN/Inf logits here (reads a flag: free on CPU, a host
+            sync on a GPU). With False the caller checks ``ChunkResult.finite`` once
+            per loss call, and rows that are not finite get harmless sampling weights.
+        compile: run the math through ``compiled_stages`` (fresh buffers, no ``out``).
+    """
+    y = targets.unsqueeze(1)
+    if compile:
+        head_fn, tail_fn = compiled_stages()
+        ws = out = None
+    else:
+        head_fn, tail_fn = chunk_head, chunk_tail
+        ws = workspace if workspace is not None else Workspace()
+    head = head_fn(z, y, objective, out, ws)
+    if check_finite and not bool(head.finite):
+        raise nonfinite_error()
+    draws = None
+    if objective.kind == "otr" and objective.estimator == "sampled":
+        weights = head.rollout
+        if not check_finite:
+            # NaN/Inf weights would make the sampler fail (a device-side assert on CUDA)
+            # before the caller's single check could report them.
+            weights = torch.nan_to_num(weights, nan=1.0, posinf=1.0)
+        # The sampler normalizes by the CDF: unnormalized weights are enough.
+        draws = sample_tokens(weights, objective.num_samples, generator)
+    loss, grad, stats = tail_fn(z, y, scale, objective, head, draws, need_grad, ws)
+    return ChunkResult(loss=loss, grad=grad, stats=stats, finite=head.finite)

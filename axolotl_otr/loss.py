@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .fused import default_chunk_size, fused_linear_loss, fused_logits_loss
+from .fused import fused_linear_loss, fused_logits_loss
 from .metrics import stats_to_metrics
 from .objective import (
     DEFAULT_BETA,
+    DEFAULT_COMPILE,
     DEFAULT_ESTIMATOR,
     DEFAULT_NORMALIZATION,
     DEFAULT_NUM_SAMPLES,
@@ -152,6 +153,7 @@ def otr_loss(
     chunk_size: int | None = None,
     ignore_index: int = IGNORE_INDEX,
     return_metrics: bool = False,
+    compile: bool = DEFAULT_COMPILE,
 ):
     """One-Token Rollout loss of causal-LM ``logits`` [batch, seq, vocab].
 
@@ -165,6 +167,7 @@ def otr_loss(
         Objective(objective, num_samples, temperature, beta, estimator, sft_mix),
         normalization=normalization,
         chunk_size=chunk_size,
+        compile=compile,
     )
     loss, stats = weighted_loss(
         logits, labels, settings, num_items_in_batch=num_items_in_batch,
@@ -192,6 +195,7 @@ def otr_loss_from_hidden(
     chunk_size: int | None = None,
     ignore_index: int = IGNORE_INDEX,
     return_metrics: bool = False,
+    compile: bool = DEFAULT_COMPILE,
 ):
     """``otr_loss`` of ``hidden_states @ lm_head_weight.T (+ bias)``, never holding the
     logits of the whole batch: they are computed, used and dropped chunk by chunk.
@@ -200,6 +204,7 @@ def otr_loss_from_hidden(
         Objective(objective, num_samples, temperature, beta, estimator, sft_mix),
         normalization=normalization,
         chunk_size=chunk_size,
+        compile=compile,
     )
     loss, stats = weighted_loss(
         hidden_states, labels, settings, lm_head=(lm_head_weight, lm_head_bias),
@@ -244,8 +249,11 @@ def weighted_loss(
     )
     _check_vocab(targets, vocab_size, ignore_index)
     flat = activations.reshape(-1, activations.shape[-1])
-    chunk = settings.chunk_size or default_chunk_size(vocab_size)
-    parts = (targets.rows, targets.tokens, targets.scale, settings.objective, generator, chunk)
+    # chunk_size None: fused.default_chunk_size picks it for the device.
+    parts = (
+        targets.rows, targets.tokens, targets.scale, settings.objective, generator,
+        settings.chunk_size, settings.compile,
+    )  # fmt: skip
     if lm_head is None:
         return fused_logits_loss(flat, *parts)
     weight, bias = lm_head

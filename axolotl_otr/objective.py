@@ -29,6 +29,9 @@ DEFAULT_SEED = 42  # Axolotl's own default ``seed``
 MAX_NUM_SAMPLES = 1 << 20
 MAX_TEMPERATURE = 100.0
 MIN_BETA = -1.0  # below this the unlikelihood push dominates the target term
+# otr_compile: torch.compile the per-chunk math. Off: on CPU it was not faster
+# (bench/loss_speed.py --compile), and on a GPU it has not been measured yet.
+DEFAULT_COMPILE = False
 
 
 class OTRConfigError(ValueError):
@@ -65,8 +68,8 @@ class Objective:
 class OTRSettings:
     """Everything one OTR run needs: the objective and how the loss is computed.
 
-    The loss reads ``objective``, ``normalization`` and ``chunk_size``; the trainer also
-    ``fused`` (hidden-state path where exact) and ``seed`` (of the token sampler).
+    The loss reads ``objective``, ``normalization``, ``chunk_size`` and ``compile``; the
+    trainer also ``fused`` (hidden-state path where exact) and ``seed`` (of the token sampler).
     """
 
     objective: Objective = field(default_factory=Objective)
@@ -74,12 +77,14 @@ class OTRSettings:
     fused: bool = DEFAULT_FUSED
     chunk_size: int | None = None
     seed: int = DEFAULT_SEED
+    compile: bool = DEFAULT_COMPILE  # torch.compile the per-chunk math (otr_compile)
 
     def __post_init__(self) -> None:
         if not isinstance(self.objective, Objective):
             raise OTRConfigError(f"objective must be an Objective, got {self.objective!r}")
         check_choice("otr_normalization", self.normalization, NORMALIZATIONS)
         check_chunk_size(self.chunk_size)
+        check_compile(self.compile)
 
     @classmethod
     def from_cfg(cls, cfg: Mapping[str, Any] | Any) -> OTRSettings:
@@ -103,6 +108,7 @@ class OTRSettings:
             fused=bool(get("otr_fused", DEFAULT_FUSED)),
             chunk_size=get("otr_chunk_size", None),
             seed=int(get("otr_seed", get("seed", DEFAULT_SEED))),
+            compile=get("otr_compile", DEFAULT_COMPILE),
         )
 
 
@@ -156,6 +162,13 @@ def check_chunk_size(value: object) -> int | None:
     """Positions per loss chunk: a positive integer, or None for the automatic size."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise OTRConfigError(f"otr_chunk_size must be a positive integer or null, got {value!r}")
+    return value
+
+
+def check_compile(value: object) -> bool:
+    """otr_compile must be a true boolean (a YAML typo like "ture" must not pass)."""
+    if not isinstance(value, bool):
+        raise OTRConfigError(f"otr_compile must be true or false, got {value!r}")
     return value
 
 

@@ -1,5 +1,7 @@
 """Checks that need a CUDA GPU: bf16, the chunked path under autocast, the CUDA sampler,
-4-bit QLoRA (bitsandbytes) and flash-attention with packed sequences.
+one host sync per forward and none in backward, the compiled chunk math, fp32 lm_head
+gradient accumulation, the GPU chunk size, 4-bit QLoRA (bitsandbytes) and
+flash-attention with packed sequences (the other checks use sdpa attention).
 
 Every test skips cleanly without CUDA (and without the optional package it needs); run
 them all with `make gpu-check` (scripts/gpu_check.sh) on a machine with a GPU.
@@ -9,9 +11,11 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 
 import pytest
 import torch
+from draws import replaying
 from reference import reference_loss
 from trainer_setup import build_trainer, make_examples
 
@@ -164,3 +168,95 @@ def test_flash_attention_packed_batch_equals_separate_sequences(tiny_dir, tmp_pa
             total += otr_loss(model(input_ids=ids).logits, labels, estimator="exact") * n
             count += n
     torch.testing.assert_close(packed_loss, total / count, rtol=2e-2, atol=1e-3)
+
+
+def test_chunked_loss_syncs_once_in_forward_and_never_in_backward():
+    """The sync-free path on a real GPU: CUDA's sync debug mode warns at every sync."""
+    import axolotl_otr.fused as fused
+    from axolotl_otr.loss import select_targets
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    hidden = torch.randn(2048, 896, device="cuda", generator=gen).bfloat16().requires_grad_()
+    weight = torch.randn(32000, 896, device="cuda", generator=gen).bfloat16().div_(30)
+    labels = torch.randint(0, 32000, (1, 2049), device="cuda", generator=gen)
+    targets = select_targets(labels)
+    for estimator in ("exact", "sampled"):
+        args = (targets.rows, targets.tokens, targets.scale, Objective(estimator=estimator))
+        args += (torch.Generator(device="cuda").manual_seed(0), 64)  # 32 chunks
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as forward_syncs:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                loss, _ = fused.fused_linear_loss(hidden[:-1], weight, None, *args)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        with warnings.catch_warnings(record=True) as backward_syncs:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                loss.backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert len(forward_syncs) == 1, [str(w.message) for w in forward_syncs]
+        assert len(backward_syncs) == 0, [str(w.message) for w in backward_syncs]
+        hidden.grad = None
+
+
+@pytest.mark.parametrize("estimator", ["exact", "sampled"])
+def test_compiled_chunk_math_equals_eager_on_cuda(estimator, recorded_draws, monkeypatch):
+    import axolotl_otr.chunk_math as chunk_math
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    hidden = torch.randn(1, 1025, 256, device="cuda", generator=gen, requires_grad=True)
+    weight = torch.randn(32000, 256, device="cuda", generator=gen).div_(16).requires_grad_()
+    labels = torch.randint(0, 32000, (1, 1025), device="cuda", generator=gen)
+    results = []
+    for compile in (False, True):
+        if compile:
+            monkeypatch.setattr(chunk_math, "sample_tokens", replaying(recorded_draws))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = otr_loss_from_hidden(
+                hidden, weight, labels, estimator=estimator, chunk_size=300, compile=compile,
+                generator=torch.Generator(device="cuda").manual_seed(0),
+            )  # fmt: skip
+        results.append((loss, *torch.autograd.grad(loss, (hidden, weight))))
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_weight_gradient_is_accumulated_in_fp32_on_cuda():
+    """As tests/test_gpu_ready.py on CPU: nearly parallel hidden states, one-row chunks;
+    a bf16 accumulator swamps the later chunks, fp32 stays within 1e-2 (norm-wise)."""
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    base = torch.randn(1, 1, 32, device="cuda", generator=gen)
+    hidden = base + 0.1 * torch.randn(1, 257, 32, device="cuda", generator=gen)
+    hidden = hidden.bfloat16().requires_grad_()
+    weight = torch.randn(50, 32, device="cuda", generator=gen).div_(4).bfloat16()
+    weight.requires_grad_()
+    labels = torch.randint(0, 50, (1, 257), device="cuda", generator=gen)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = otr_loss_from_hidden(hidden, weight, labels, estimator="exact", chunk_size=1)
+    (grad,) = torch.autograd.grad(loss, weight)
+    assert grad.dtype == torch.bfloat16
+    h32, w32 = (t.detach().float().requires_grad_() for t in (hidden, weight))
+    ref = otr_loss(h32 @ w32.T, labels, estimator="exact", chunk_size=10**6)
+    (ref_grad,) = torch.autograd.grad(ref, w32)
+    assert (grad.float() - ref_grad).norm() / ref_grad.norm() < 1e-2
+
+
+def test_default_chunk_size_on_cuda_follows_the_vocab_to_hidden_ratio(monkeypatch):
+    import axolotl_otr.fused as fused
+
+    seen = []
+    original = fused._chunks
+    monkeypatch.setattr(
+        fused,
+        "_chunks",
+        lambda rows, size, sync_free: seen.append(size) or original(rows, size, sync_free),
+    )
+    hidden = torch.randn(1, 2049, 896, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(151936, 896, device="cuda", dtype=torch.bfloat16)
+    labels = torch.randint(0, 151936, (1, 2049), device="cuda")
+    otr_loss_from_hidden(hidden, weight, labels)
+    assert seen == [16]  # next_power_of_2(ceil(2048 / ceil(151936 / 896)))

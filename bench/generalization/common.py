@@ -106,7 +106,7 @@ def method_config(method: Method) -> dict[str, Any]:
     o = method.objective
     return {
         "name": method.name,
-        "objective": o.objective,
+        "objective": o.kind,
         "num_samples": o.num_samples,
         "temperature": o.temperature,
         "beta": o.beta,
