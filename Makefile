@@ -79,9 +79,11 @@ bench: setup
 	$(PY) bench/loss_speed.py
 	$(PY) bench/step_time.py
 
-# The OTR vs SFT/DFT generalization experiment (bench/generalization/README.md): about
-# 45 minutes on 2 CPU cores. Scale 2 needs a real pretrained model and math data, both
-# from PyPI packages (SmolLM2-135M-Instruct as GGUF, reasoning-gym).
+# When does OTR beat SFT (bench/generalization/README.md): scale 1 (the prior continuum)
+# took 80 minutes on one core of this 2-core machine; scale 2 (SmolLM2-135M + LoRA, about
+# 4 minutes a run, ~35 runs) about 2.5 hours more. Every run is cached on disk by its
+# configuration, so an interrupted run continues where it stopped.
+# Scale 2 needs a real pretrained model and math data, both from PyPI packages.
 EXPERIMENT_PACKAGES := reasoning-gym==0.1.25 gguf==0.19.0 matplotlib==3.11.2
 experiment: setup
 	$(PIP) install -q $(EXPERIMENT_PACKAGES) $(QUIET_PIP)
