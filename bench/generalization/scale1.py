@@ -1,4 +1,6 @@
-"""Scale 1: a ~0.9M-parameter Llama trained from scratch, then fine-tuned on a new skill.
+"""Scale 1 pieces: a ~0.9M-parameter Llama, its tasks, greedy scoring and base pre-training.
+
+The experiment that uses them is ``continuum.py``.
 
 Everything is generated here from fixed seeds; nothing is downloaded.
 
@@ -17,14 +19,12 @@ OOD variant ood_steps: four terms of 1-99 (one step more, the working written th
 
 from __future__ import annotations
 
-import copy
-import os
 import random
 import time
 from typing import Any
 
 import torch
-from common import ABLATIONS, METHODS, FineTunes, left_pad, make_collate
+from common import left_pad, make_collate
 
 CHARS = "0123456789+=,RC"
 PAD, BOS, EOS = 0, 1, 2
@@ -228,125 +228,3 @@ def pretrain_base(cfg: dict, log) -> tuple[Any, dict]:
             log(f"  base step {step + 1}/{steps} loss {loss.item():.4f}")
     model.eval()
     return model, {"base_train_time_s": round(time.perf_counter() - t0, 1)}
-
-
-# ---- experiment ---------------------------------------------------------------------
-FULL = dict(
-    base_steps=2000,
-    base_batch=128,
-    base_lr=3e-3,
-    n_val=150,
-    n_test=200,
-    n_ood=200,
-    n_ret=100,
-    steps=300,
-    batch=32,
-    warmup=15,
-    eval_every=60,
-    lr_grid=[1e-4, 3e-4, 1e-3, 3e-3],
-    seeds=[0, 1, 2],
-    ablations=True,
-)
-QUICK = dict(
-    base_steps=40,
-    base_batch=64,
-    base_lr=3e-3,
-    n_val=16,
-    n_test=16,
-    n_ood=16,
-    n_ret=8,
-    steps=4,
-    batch=8,
-    warmup=1,
-    eval_every=2,
-    lr_grid=[1e-3],
-    seeds=[0],
-    ablations=False,
-)
-
-
-def run(quick: bool, workdir: str, log) -> dict:
-    cfg = QUICK if quick else FULL
-    t_start = time.perf_counter()
-    sets = {"val": unique_set(gen_chain, cfg["n_val"], 101)}
-    sets["test"] = unique_set(gen_chain, cfg["n_test"], 102, {p for p, _ in sets["val"]})
-    held = {p for p, _ in sets["val"] + sets["test"]}
-    sets["ood"] = unique_set(gen_chain_ood, cfg["n_ood"], 103)
-    sets["ood_steps"] = unique_set(gen_chain4, cfg["n_ood"], 104)
-    for i, name in enumerate(BASE_TASKS):
-        sets[name] = unique_set(BASE_TASKS[name], cfg["n_ret"], 200 + i)
-    evaluate = evaluator(sets)
-
-    log("scale 1: pre-training the base model")
-    base_keys = ("base_steps", "base_batch", "base_lr")
-    tag = "_".join(str(cfg[k]) for k in base_keys)
-    cache = os.path.join(workdir, f"base_{tag}.pt")
-    if os.path.exists(cache) and not quick:
-        saved = torch.load(cache)
-        base = make_model(0)
-        base.load_state_dict(saved["state"])
-        base.eval()
-        base_info = {**saved["info"], "cached": True}
-        log(f"  reusing cached base model {cache}")
-    else:
-        base, base_info = pretrain_base(cfg, log)
-        if not quick:
-            os.makedirs(workdir, exist_ok=True)
-            torch.save({"state": base.state_dict(), "info": base_info}, cache)
-    base_eval = evaluate(base)
-    log(f"  base model: {base_eval} ({base_info['base_train_time_s']} s)")
-    base_state = copy.deepcopy(base.state_dict())
-    n_params = sum(p.numel() for p in base.parameters())
-
-    data_cache: dict[int, list[dict]] = {}
-
-    def train_data(seed: int) -> list[dict]:
-        if seed not in data_cache:
-            n = cfg["steps"] * cfg["batch"]
-            items = unique_set(gen_chain, n, 10_000 + seed, held)
-            data_cache[seed] = [example(p, a) for p, a in items]
-        return data_cache[seed]
-
-    def from_base(seed: int):
-        """A copy of the shared base model (the same for every fine-tuning seed)."""
-        model = make_model(0)
-        model.load_state_dict(base_state)
-        return model
-
-    fine_tunes = FineTunes(
-        cfg,
-        build_model=from_base,
-        train_data=train_data,
-        collate=collate,
-        evaluate=evaluate,
-        initial=base_eval,
-        output_dir=os.path.join(workdir, "trainer"),
-        log=log,
-        name_width=22,
-    )
-
-    # 1. LR sweep on seed 0, selected on the validation split (in-domain, final step).
-    seeds = cfg["seeds"]
-    best_lr = fine_tunes.sweep_best_lr(cfg["lr_grid"], seeds[0])
-    sft_lr = best_lr["sft"]
-    # 2. Equal steps at each method's own best LR, and at SFT's best LR.
-    fine_tunes.run_methods(METHODS, best_lr, seeds, "best_lr")
-    fine_tunes.run_methods(METHODS, sft_lr, seeds, "sft_lr")
-    # 3. Equal wall time: each best-LR curve read at SFT's training time of that seed.
-    fine_tunes.equal_time(
-        seeds, note="best-LR run read at the last eval point within SFT's train time"
-    )
-    # 4. Ablations around otr_sampled at its best LR.
-    if cfg["ablations"]:
-        lr = best_lr["otr_sampled"]
-        fine_tunes.run_methods(ABLATIONS, lr, seeds, "ablation")
-    return {
-        "scale": "1: tiny Llama from scratch, CPU",
-        "model": {"params": n_params, "layers": 4, "hidden": 128, "vocab": VOCAB},
-        "config": {k: v for k, v in cfg.items()},
-        "base_model": {**base_eval, **base_info},
-        "best_lr": best_lr,
-        "sft_lr": sft_lr,
-        "runtime_s": round(time.perf_counter() - t_start, 1),
-        "runs": fine_tunes.runs,
-    }
