@@ -56,14 +56,7 @@ METHODS = [
     Method("otr_mix0.1", otr(sft_mix=0.1)),
     Method("otr_mix0.3", otr(sft_mix=0.3)),
 ]
-# Ablations around otr_sampled (K=256, kappa=1.3, beta=-0.1), one knob at a time.
-ABLATIONS = [
-    Method("otr_sampled_beta0", otr(beta=0.0)),
-    Method("otr_sampled_beta-0.3", otr(beta=-0.3)),
-    Method("otr_sampled_kappa1.0", otr(kappa=1.0)),
-    Method("otr_sampled_K16", otr(k=16)),
-]
-METHOD_BY_NAME = {m.name: m for m in METHODS + ABLATIONS}
+METHOD_BY_NAME = {m.name: m for m in METHODS}
 
 
 class RunCache:
