@@ -31,6 +31,7 @@ import torch
 from common import (
     METHOD_BY_NAME,
     RunCache,
+    at_wall_time,
     left_pad,
     make_collate,
     method_config,
@@ -274,6 +275,7 @@ FULL = dict(
     lr_grid=[1e-4, 3e-4, 1e-3],
     lr_ladder=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3],
     seeds=[0, 1, 2],
+    snap_every=10,
 )
 QUICK = dict(
     n_val=4,
@@ -287,6 +289,7 @@ QUICK = dict(
     lr_grid=[1e-3],
     lr_ladder=[1e-3],
     seeds=[0],
+    snap_every=1,
 )
 # Five methods at this scale: OTR-exact (the zero-variance twin of OTR-sampled, compared
 # with it at scale 1) is left out to fit the CPU budget.
@@ -294,9 +297,13 @@ SCALE2_METHODS = ["sft", "dft", "otr_sampled", "otr_mix0.1", "otr_mix0.3"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def run(quick: bool, workdir: str, log, cache_dir: str | None = None) -> dict:
+def run(
+    quick: bool, workdir: str, log, cache_dir: str | None = None, only: list[str] | None = None
+) -> dict:
     """LR sweep (seed 0, validation only), then each method's best LR on every seed with
-    the full evaluation; every run cached by its configuration, adapters kept on disk."""
+    the full evaluation, then every method read at SFT's training time; every run cached
+    by its configuration, adapters kept on disk. ``only``: run just these methods (a shard
+    of a parallel run, results in the cache only)."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -376,7 +383,7 @@ def run(quick: bool, workdir: str, log, cache_dir: str | None = None) -> dict:
 
     collate = make_collate(tok.pad_token_id)
     train_keys = ("steps", "batch", "warmup", "lora_r")
-    methods = [METHOD_BY_NAME[name] for name in SCALE2_METHODS]
+    methods = [METHOD_BY_NAME[name] for name in (only or SCALE2_METHODS)]
 
     def run_config(method, lr, seed) -> dict:
         return {
@@ -387,15 +394,30 @@ def run(quick: bool, workdir: str, log, cache_dir: str | None = None) -> dict:
             "seed": seed,
         }
 
-    def fine_tune(method, lr: float, seed: int) -> dict:
-        """Train (or read back) one run: validation accuracy, time, adapter folder."""
+    def sweep_run(method, lr: float, seed: int) -> dict:
+        """One LR-sweep run scored on the validation split only (cached; no adapter)."""
         config = run_config(method, lr, seed)
-        adapter = os.path.join(adapters, RunCache.key(config))
         cached = cache.get(config)
-        if cached is not None and os.path.isdir(adapter):
+        if cached is not None:
             return cached
+        result = _train(method, lr, seed, snapshot_dir=None)
+        cache.put(config, result)
+        return result
+
+    def _train(method, lr: float, seed: int, snapshot_dir: str | None) -> dict:
+        """Train one LoRA run; with ``snapshot_dir``, save the adapter every ``snap_every``
+        steps (outside the timed training) so it can be read at SFT's wall time."""
         model = lora_model(seed)
         t0 = time.perf_counter()
+        step = [0]
+
+        def at_point(m) -> dict[str, float]:
+            step[0] += cfg["snap_every"] if snapshot_dir else cfg["steps"]
+            step[0] = min(step[0], cfg["steps"])
+            if snapshot_dir:
+                m.save_pretrained(os.path.join(snapshot_dir, f"step{step[0]}"))
+            return evaluate_val(m) if step[0] == cfg["steps"] else {}
+
         out = train(
             model,
             train_data(seed),
@@ -406,12 +428,11 @@ def run(quick: bool, workdir: str, log, cache_dir: str | None = None) -> dict:
             batch_size=cfg["batch"],
             seed=seed,
             warmup_steps=cfg["warmup"],
-            evaluate=evaluate_val,
-            eval_every=cfg["steps"],
+            evaluate=at_point,
+            eval_every=cfg["snap_every"] if snapshot_dir else cfg["steps"],
             output_dir=os.path.join(workdir, "trainer2"),
             initial={"val_in_domain": base_eval["val_in_domain"]},
         )
-        model.save_pretrained(adapter)
         result = {
             "method": method.name,
             "seed": seed,
@@ -421,25 +442,30 @@ def run(quick: bool, workdir: str, log, cache_dir: str | None = None) -> dict:
             "train_time_s": out["train_time_s"],
             "wall_s": round(time.perf_counter() - t0, 1),
             "train_logs": out["train_logs"],
+            "curve": [{k: p[k] for k in ("step", "train_time_s")} for p in out["curve"]],
         }
-        cache.put(config, result)
         log(
             f"  {method.name:12s} lr={lr:g} seed={seed}: val={result['val_in_domain']:.3f} "
             f"train {result['train_time_s']:.1f}s"
         )
         return result
 
+    def evaluate_adapter(adapter: str) -> tuple[dict[str, float], float]:
+        model = PeftModel.from_pretrained(load(), adapter).eval()
+        t0 = time.perf_counter()
+        return evaluate_full(model), round(time.perf_counter() - t0, 1)
+
     def full_eval(method, lr: float, seed: int) -> dict:
-        """The full evaluation of a finished run, from its saved adapter (cached)."""
+        """A best-LR run: trained with snapshots (its adapter kept), fully evaluated at the
+        end (cached). Its train record is its own, not the sweep's (they share a config)."""
         config = {**run_config(method, lr, seed), "eval": "full"}
         cached = cache.get(config)
         if cached is not None:
             return cached
-        run = fine_tune(method, lr, seed)
-        adapter = os.path.join(adapters, RunCache.key(run_config(method, lr, seed)))
-        model = PeftModel.from_pretrained(load(), adapter).eval()
-        t0 = time.perf_counter()
-        result = {**run, **evaluate_full(model), "eval_s": round(time.perf_counter() - t0, 1)}
+        folder = os.path.join(adapters, RunCache.key(config))
+        run = _train(method, lr, seed, snapshot_dir=folder)
+        metrics, eval_s = evaluate_adapter(os.path.join(folder, f"step{cfg['steps']}"))
+        result = {**run, **metrics, "eval_s": eval_s}
         cache.put(config, result)
         log(
             f"  full eval {method.name:12s} lr={lr:g} seed={seed}: id={result['in_domain']:.3f} "
@@ -448,6 +474,28 @@ def run(quick: bool, workdir: str, log, cache_dir: str | None = None) -> dict:
         )
         return result
 
+    def equal_time(method, lr: float, seed: int, budget_s: float) -> dict:
+        """The best-LR run read at its last snapshot within SFT's training time (same
+        seed): the final record when it fits, else that snapshot fully evaluated."""
+        src = full_eval(method, lr, seed)
+        point = at_wall_time(src["curve"], budget_s)
+        record = {"time_budget_s": budget_s, "setting": "equal_time"}
+        if point["step"] == src["steps"]:
+            return {**src, **record}
+        config = {**run_config(method, lr, seed), "eval": "full", "at_step": point["step"]}
+        cached = cache.get(config)
+        if cached is None:
+            if point["step"] == 0:
+                cached = dict(base_eval)
+            else:
+                full = {**run_config(method, lr, seed), "eval": "full"}
+                folder = os.path.join(adapters, RunCache.key(full))
+                cached, _ = evaluate_adapter(os.path.join(folder, f"step{point['step']}"))
+            cache.put(config, cached)
+        base = {k: src[k] for k in ("method", "seed", "lr")}
+        at = {"steps": point["step"], "train_time_s": point["train_time_s"]}
+        return {**base, **cached, **at, **record}
+
     runs, best_lr = [], {}
     seeds = cfg["seeds"]
     for method in methods:  # 1. LR sweep on seed 0, validation in-domain accuracy
@@ -455,7 +503,7 @@ def run(quick: bool, workdir: str, log, cache_dir: str | None = None) -> dict:
         while True:
             for lr in grid:
                 if lr not in scores:
-                    r = fine_tune(method, lr, seeds[0])
+                    r = sweep_run(method, lr, seeds[0])
                     runs.append({**r, "setting": "sweep"})
                     scores[lr] = (r["val_in_domain"],)
             more = next_lr_grid(grid, scores, cfg["lr_ladder"])
@@ -467,6 +515,16 @@ def run(quick: bool, workdir: str, log, cache_dir: str | None = None) -> dict:
     for seed in seeds:  # 2. each method at its best LR, every seed, full evaluation
         for method in methods:
             runs.append({**full_eval(method, best_lr[method.name], seed), "setting": "best_lr"})
+    if only is not None:  # a shard of a parallel run: its results are in the cache
+        return {"shard": only, "runtime_s": round(time.perf_counter() - t_start, 1)}
+    for seed in seeds:  # 3. equal compute: every method at SFT's training time
+        budget = next(
+            r["train_time_s"]
+            for r in runs
+            if r["setting"] == "best_lr" and r["method"] == "sft" and r["seed"] == seed
+        )
+        for method in methods:
+            runs.append(equal_time(method, best_lr[method.name], seed, budget))
     sft = [r for r in runs if r["setting"] == "best_lr" and r["method"] == "sft"]
     sft_mean = _mean(r["in_domain"] for r in sft)
     gate = sft_mean > base_eval["in_domain"]
