@@ -515,16 +515,17 @@ def run(
     for seed in seeds:  # 2. each method at its best LR, every seed, full evaluation
         for method in methods:
             runs.append({**full_eval(method, best_lr[method.name], seed), "setting": "best_lr"})
+    if "sft" in best_lr:  # 3. equal compute: every method at SFT's training time
+        for seed in seeds:  # (a shard without SFT leaves this to the assembling call)
+            budget = next(
+                r["train_time_s"]
+                for r in runs
+                if r["setting"] == "best_lr" and r["method"] == "sft" and r["seed"] == seed
+            )
+            for method in methods:
+                runs.append(equal_time(method, best_lr[method.name], seed, budget))
     if only is not None:  # a shard of a parallel run: its results are in the cache
         return {"shard": only, "runtime_s": round(time.perf_counter() - t_start, 1)}
-    for seed in seeds:  # 3. equal compute: every method at SFT's training time
-        budget = next(
-            r["train_time_s"]
-            for r in runs
-            if r["setting"] == "best_lr" and r["method"] == "sft" and r["seed"] == seed
-        )
-        for method in methods:
-            runs.append(equal_time(method, best_lr[method.name], seed, budget))
     sft = [r for r in runs if r["setting"] == "best_lr" and r["method"] == "sft"]
     sft_mean = _mean(r["in_domain"] for r in sft)
     gate = sft_mean > base_eval["in_domain"]
