@@ -1,6 +1,7 @@
 """One command for the whole generalization benchmark (see README.md beside this file).
 
-python bench/generalization/run.py            # scale 1 + scale 2, full (~70 min, 1 CPU thread)
+python bench/generalization/run.py            # scale 1 + scale 2, full (~4.5 h on 1 CPU thread:
+                                              # scale 1 80 min, scale 2 ~190 min; see README.md)
 python bench/generalization/run.py --quick    # CI smoke test: scale 1 pipeline, < 60 s
 python bench/generalization/run.py --scale 1  # one scale only
 """
