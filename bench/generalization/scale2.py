@@ -455,14 +455,21 @@ def run(
         t0 = time.perf_counter()
         return evaluate_full(model), round(time.perf_counter() - t0, 1)
 
+    def full_config(method, lr: float, seed: int) -> dict:
+        return {**run_config(method, lr, seed), "eval": "full"}
+
+    def snapshots(method, lr: float, seed: int) -> str:
+        """The folder of a best-LR run's adapter snapshots (``step<k>`` inside)."""
+        return os.path.join(adapters, RunCache.key(full_config(method, lr, seed)))
+
     def full_eval(method, lr: float, seed: int) -> dict:
         """A best-LR run: trained with snapshots (its adapter kept), fully evaluated at the
         end (cached). Its train record is its own, not the sweep's (they share a config)."""
-        config = {**run_config(method, lr, seed), "eval": "full"}
+        config = full_config(method, lr, seed)
         cached = cache.get(config)
         if cached is not None:
             return cached
-        folder = os.path.join(adapters, RunCache.key(config))
+        folder = snapshots(method, lr, seed)
         run = _train(method, lr, seed, snapshot_dir=folder)
         metrics, eval_s = evaluate_adapter(os.path.join(folder, f"step{cfg['steps']}"))
         result = {**run, **metrics, "eval_s": eval_s}
@@ -482,14 +489,13 @@ def run(
         record = {"time_budget_s": budget_s, "setting": "equal_time"}
         if point["step"] == src["steps"]:
             return {**src, **record}
-        config = {**run_config(method, lr, seed), "eval": "full", "at_step": point["step"]}
+        config = {**full_config(method, lr, seed), "at_step": point["step"]}
         cached = cache.get(config)
         if cached is None:
             if point["step"] == 0:
                 cached = dict(base_eval)
             else:
-                full = {**run_config(method, lr, seed), "eval": "full"}
-                folder = os.path.join(adapters, RunCache.key(full))
+                folder = snapshots(method, lr, seed)
                 cached, _ = evaluate_adapter(os.path.join(folder, f"step{point['step']}"))
             cache.put(config, cached)
         base = {k: src[k] for k in ("method", "seed", "lr")}
