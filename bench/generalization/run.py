@@ -105,8 +105,17 @@ def main(argv=None) -> int:
         "--methods assembles them)",
     )
     args = ap.parse_args(argv)
-    common.set_threads()
     scale = args.scale or ("1" if args.quick else "all")
+    only = args.methods.split(",") if args.methods else None
+    if only is not None:  # checked before any work: a typo must not cost a scale-1 run
+        import scale2
+
+        if scale != "2":
+            ap.error("--methods shards scale 2 only: add --scale 2")
+        unknown = set(only) - set(scale2.SCALE2_METHODS)
+        if unknown:
+            ap.error(f"--methods: unknown {sorted(unknown)}; choose from {scale2.SCALE2_METHODS}")
+    common.set_threads()
     out = args.out or (
         tempfile.mkdtemp(prefix="otr_gen_")
         if args.quick
@@ -139,10 +148,6 @@ def main(argv=None) -> int:
     if scale in ("2", "all"):
         import scale2
 
-        only = args.methods.split(",") if args.methods else None
-        unknown = set(only or ()) - set(scale2.SCALE2_METHODS)
-        if unknown:
-            ap.error(f"--methods: unknown {sorted(unknown)}; choose from {scale2.SCALE2_METHODS}")
         payload = scale2.run(
             args.quick, workdir, log, os.path.join(cache_dir, "real_model"), only=only
         )
