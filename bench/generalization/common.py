@@ -296,6 +296,7 @@ class FineTunes:
         cache: RunCache | None = None,
         identity: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
+        needs: tuple[str, ...] = (),
     ):
         self.cfg = cfg
         self.build_model = build_model
@@ -309,6 +310,10 @@ class FineTunes:
         self.cache = cache or RunCache(None)
         self.identity = identity or {}
         self.extra = extra or {}  # fields added to every run record (e.g. the prior level)
+        # fields a cached non-sweep run must hold to be reused (e.g. per-item correctness,
+        # added after some runs were cached): a record without them is trained again under
+        # the same key, which reproduces it (seeded) and fills them in
+        self.needs = needs
         self.runs: list[dict] = []
         self._results: dict[tuple[str, float, int], dict] = {}
 
@@ -325,12 +330,18 @@ class FineTunes:
     def one(self, method: Method, lr: float, seed: int, setting: str) -> dict:
         """Fine-tune ``method`` at ``lr`` on ``seed`` (or reuse that run); record and log it."""
         key = (method.name, lr, seed)
-        if key in self._results:
+        if key in self._results and (
+            setting == "sweep" or all(k in self._results[key] for k in self.needs)
+        ):
             r = dict(self._results[key], setting=setting)
             self.runs.append(r)
             return r
         config = self.run_config(method, lr, seed)
         cached = self.cache.get(config)
+        stale = None
+        if cached is not None and setting != "sweep" and any(k not in cached for k in self.needs):
+            self.log(f"  {method.name} lr={lr:g} seed={seed}: cached without {self.needs}, rerun")
+            stale, cached = cached, None
         if cached is not None:
             r = dict(cached, setting=setting, cached=True)
             self._results[key] = r
@@ -368,6 +379,11 @@ class FineTunes:
             "curve": out["curve"],
             "train_logs": out["train_logs"],
         }
+        if stale is not None:  # a rerun of a cached run: does it reproduce the old record?
+            same = {k: stale.get(k) == r.get(k) for k in ("in_domain", "ood", "retention")}
+            r["rerun_reproduces"] = all(same.values())
+            if not r["rerun_reproduces"]:
+                self.log(f"  rerun differs from the cached record: {same}")
         self.cache.put(config, {k: v for k, v in r.items() if k != "setting"})
         self._results[key] = r
         self.runs.append(r)

@@ -169,15 +169,19 @@ def greedy(model, prompts: list[str], max_new: int = 9, batch: int = 512) -> lis
     return outs
 
 
-def accuracy(model, items, final_only: bool) -> float:
+def correct(model, items, final_only: bool) -> list[bool]:
+    """Per item, whether the greedy answer is right (kept for paired bootstrap intervals)."""
     preds = greedy(model, [p for p, _ in items], max_new=max(len(a) for _, a in items) + 2)
     if final_only:  # the number after the last "=" is the final answer
-        ok = [
+        return [
             pr.split("=")[-1] == a.split("=")[-1] and pr != ""
             for pr, (_, a) in zip(preds, items, strict=True)
         ]
-    else:
-        ok = [pr == a for pr, (_, a) in zip(preds, items, strict=True)]
+    return [pr == a for pr, (_, a) in zip(preds, items, strict=True)]
+
+
+def accuracy(model, items, final_only: bool) -> float:
+    ok = correct(model, items, final_only)
     return sum(ok) / max(1, len(ok))
 
 
