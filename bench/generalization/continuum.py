@@ -25,6 +25,7 @@ validation split: the tie-breaker of the LR selection when accuracies are equal)
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import random
 import time
@@ -239,6 +240,17 @@ def prior_levels(base, cfg: dict, sets: dict, held: set[str], workdir: str, quic
     return levels
 
 
+def fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """A hash of a level's weights, part of every run's cache key: the base pre-training is
+    seeded but not bit-reproducible across machines (a fresh machine's base model gave
+    other prior levels), so a run may be reused only on the very same level model."""
+    h = hashlib.sha1()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def run(quick: bool, workdir: str, log, cache_dir: str | None = None) -> dict:
     cfg = QUICK if quick else FULL
     t_start = time.perf_counter()
@@ -266,9 +278,11 @@ def run(quick: bool, workdir: str, log, cache_dir: str | None = None) -> dict:
         model.eval()
         base_eval = evaluate(model)
         log(f"level {index} (prior steps {prior_steps}): base {base_eval}")
+        level_sha = fingerprint(state)
         level = {
             "level": index,
             "prior_steps": prior_steps,
+            "weights_sha1": level_sha,
             "base": {k: v for k, v in base_eval.items() if k != "items"},
             "token_measures": token_measures(model, train_data(0)[: cfg["measure_n"]]),
         }
@@ -296,6 +310,7 @@ def run(quick: bool, workdir: str, log, cache_dir: str | None = None) -> dict:
                 "base": {k: cfg[k] for k in ("base_steps", "base_batch", "base_lr")},
                 "prior": {k: cfg[k] for k in ("prior_fraction", "prior_lr", "prior_batch")},
                 "prior_steps": prior_steps,
+                "weights_sha1": level_sha,
                 "data": {k: cfg[k] for k in ("n_val", "n_test", "n_ood", "n_ret")},
             },
             extra={

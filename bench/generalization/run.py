@@ -90,7 +90,16 @@ def main(argv=None) -> int:
         default=None,
         help="results folder (default bench/results; --quick: a temporary folder)",
     )
-    ap.add_argument("--workdir", default=os.path.join(ROOT, ".cache", "generalization"))
+    # Outside the work tree, so a later session on the same machine finds the base models
+    # and converted checkpoints again (the run cache itself is committed).
+    ap.add_argument(
+        "--workdir",
+        default=os.path.join(
+            os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+            "axolotl-otr",
+            "generalization",
+        ),
+    )
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument(
         "--report-only",
