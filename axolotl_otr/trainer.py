@@ -155,8 +155,10 @@ class OTRTrainerMixin:
         if settings.normalization == "sequence":
             units = self._otr_window_sequences if training else None
         if call.hidden is not None:
-            activations = call.hidden.take()
             lm_head = self.otr_output_layer.weight_and_bias()
+            # With device_map the lm_head (tied: next to the embeddings) may sit on
+            # another device than the decoder's output; its own forward moves it too.
+            activations = call.hidden.take().to(lm_head[0].device)
         else:
             activations = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
             lm_head = None
