@@ -59,6 +59,7 @@ class OTRTrainerMixin:
     """Trains with the OTR loss once ``attach_otr`` gave it settings (inert before)."""
 
     otr_settings: OTRSettings | None = None
+    _otr_loss_only = False  # inside an evaluation loop that keeps no logits
 
     def attach_otr(self, settings: OTRSettings) -> OTRTrainerMixin:
         """Turn OTR on with ``settings`` (a second call with the same settings is a no-op)."""
@@ -117,10 +118,10 @@ class OTRTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.otr_settings is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        hidden = (
-            self.otr_output_layer.weight_and_bias is not None
-            and model.training
-            and not return_outputs
+        # Training, and evaluation whose logits are thrown away (no compute_metrics),
+        # take the chunked path; a prediction loop that keeps the logits needs them all.
+        hidden = self.otr_output_layer.weight_and_bias is not None and (
+            (model.training and not return_outputs) or (not model.training and self._otr_loss_only)
         )
         if hidden:
             # The lm_head runs on the last position only; the loss projects the rest
@@ -156,6 +157,10 @@ class OTRTrainerMixin:
             units = self._otr_window_sequences if training else None
         if call.hidden is not None:
             lm_head = self.otr_output_layer.weight_and_bias()
+            if not torch.is_grad_enabled():
+                # An autograd Function sees requires_grad, not the grad mode: without
+                # this it would compute the lm_head's gradient in evaluation.
+                lm_head = tuple(t.detach() if t is not None else None for t in lm_head)
             # With device_map the lm_head (tied: next to the embeddings) may sit on
             # another device than the decoder's output; its own forward moves it too.
             activations = call.hidden.take().to(lm_head[0].device)
@@ -241,10 +246,15 @@ class OTRTrainerMixin:
         metric_key_prefix: str = "eval",
     ):
         """The Trainer's loop, then the OTR metrics of its batches, summed over processes."""
-        output = super().evaluation_loop(
-            dataloader, description, prediction_loss_only=prediction_loss_only,
-            ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix,
-        )  # fmt: skip
+        loss_only = prediction_loss_only
+        self._otr_loss_only = self.args.prediction_loss_only if loss_only is None else loss_only
+        try:
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only=prediction_loss_only,
+                ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix,
+            )  # fmt: skip
+        finally:
+            self._otr_loss_only = False
         if self.otr_settings is not None:
             prefix = f"{metric_key_prefix}_"
             output.metrics.update(self.otr_metrics.pop_metrics("eval", prefix, self._otr_reduce))

@@ -36,6 +36,7 @@ def test_bf16_trainer_hands_the_loss_one_hidden_state_in_bf16(tiny_dir, tmp_path
         tiny_dir / "model", tmp_path, make_examples(4, VOCAB), micro_batch=2, accumulation=1,
         model_kwargs={"torch_dtype": torch.bfloat16}, bf16=True,
         settings=OTRSettings(Objective(estimator="exact")),
+        eval_examples=make_examples(2, VOCAB, seed=1),
     )  # fmt: skip
     assert trainer.output_layer.weight_and_bias is not None
     hidden_size = trainer.model.config.hidden_size
@@ -45,25 +46,39 @@ def test_bf16_trainer_hands_the_loss_one_hidden_state_in_bf16(tiny_dir, tmp_path
 
     def spy_weighted(activations, *args, **kwargs):
         calls[-1]["activations"] = activations
+        calls[-1]["lm_head"] = kwargs["lm_head"]
         return weighted(activations, *args, **kwargs)
 
     monkeypatch.setattr(otr_trainer, "weighted_loss", spy_weighted)
     loss_func = trainer.compute_loss_func
 
     def tally(outputs, labels, num_items_in_batch=None):
-        calls.append({"outputs": [t for t in _tensors(outputs) if tuple(t.shape) == shape]})
+        calls.append(
+            {
+                "outputs": [t for t in _tensors(outputs) if tuple(t.shape) == shape],
+                "logits": tuple(outputs.logits.shape),
+            }
+        )
         return loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
 
     trainer.compute_loss_func = tally
     trainer.train()
-    assert len(calls) == 1
-    (call,) = calls
-    seen = {id(t): t for t in [*call["outputs"], call["activations"]]}
-    assert len(seen) == 1, [(tuple(t.shape), t.dtype) for t in seen.values()]
-    # The hidden state the loss uses is the model's bf16 tensor, not an fp32 copy.
-    assert call["activations"].dtype == torch.bfloat16
-    assert tuple(call["activations"].shape) == shape
+    metrics = trainer.evaluate()
+    assert len(calls) == 2  # one training step, one evaluation batch
+    for call in calls:
+        seen = {id(t): t for t in [*call["outputs"], call["activations"]]}
+        assert len(seen) == 1, [(tuple(t.shape), t.dtype) for t in seen.values()]
+        # The hidden state the loss uses is the model's bf16 tensor, not an fp32 copy.
+        assert call["activations"].dtype == torch.bfloat16
+        assert tuple(call["activations"].shape) == shape
+        # The model's own lm_head ran on the last position only.
+        assert call["logits"] == (2, 1, VOCAB)
+    train, evaluation = calls
+    assert train["lm_head"][0].requires_grad
+    # Evaluation gives the loss a weight that autograd will not compute a gradient for.
+    assert not evaluation["lm_head"][0].requires_grad
     assert grads.grads and all(torch.isfinite(g).all() for g in grads.grads[0].values())
+    assert metrics["eval_otr/ce"] > 0
 
 
 def _lora(modules_to_save=None):
@@ -118,7 +133,24 @@ def test_hidden_path_equals_logits_path_for_each_lm_head_layout(tiny_dir, tmp_pa
         runs[False],
     )
     assert log_hidden["loss"] == pytest.approx(log_logits["loss"], rel=1e-5)
-    assert eval_hidden["eval_loss"] == pytest.approx(eval_logits["eval_loss"], rel=1e-5)
+    for key in ("eval_loss", "eval_otr/ce", "eval_otr/p_target", "eval_otr/entropy"):
+        assert eval_hidden[key] == pytest.approx(eval_logits[key], rel=1e-5), key
     assert g_hidden.keys() == g_logits.keys() and len(g_hidden) > 0
     for name in g_hidden:
         torch.testing.assert_close(g_hidden[name], g_logits[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_prediction_keeps_the_full_logits(tiny_dir, tmp_path):
+    eval_examples = make_examples(2, VOCAB, seed=1)
+    trainer, _, _ = build_trainer(
+        tiny_dir / "model", tmp_path, make_examples(2, VOCAB), micro_batch=2, accumulation=1,
+        settings=OTRSettings(Objective(estimator="exact")),
+    )  # fmt: skip
+    assert trainer.output_layer.weight_and_bias is not None
+    output = trainer.predict(eval_examples)
+    assert output.predictions.shape == (2, SEQ_LEN, VOCAB)
+    assert output.metrics["test_otr/ce"] > 0
+    # The chunked evaluation (no logits kept) scores the same targets the same way.
+    metrics = trainer.evaluate(eval_examples)
+    assert metrics["eval_otr/ce"] == pytest.approx(output.metrics["test_otr/ce"], rel=1e-5)
+    assert metrics["eval_loss"] == pytest.approx(output.metrics["test_loss"], rel=1e-5)
