@@ -2,12 +2,11 @@
 
 Choice: a trainer mixin (``OTRTrainerMixin``), the way Axolotl's own integrations (KD)
 change a trainer. It overrides public methods the Trainer documents as overridable
-(``compute_loss``, ``log``, ``get_batch_samples``, ``evaluation_loop``) and always
-calls ``super()``, so
-Axolotl's and the HF Trainer's own logic keeps running around it. The loss itself sits in
-the Trainer's documented ``compute_loss_func`` slot, so the Trainer keeps counting
-``num_items_in_batch`` over the whole accumulation window and scaling for data
-parallelism exactly as it does for cross-entropy. The sampler's seed travels with
+(``compute_loss``, ``log``, ``get_batch_samples``, ``evaluation_loop``) and always calls
+``super()``, so Axolotl's and the HF Trainer's own logic keeps running around it. The
+loss itself sits in the Trainer's documented ``compute_loss_func`` slot, so the Trainer
+keeps counting ``num_items_in_batch`` over the whole accumulation window and scaling for
+data parallelism exactly as it does for cross-entropy. The sampler's seed travels with
 checkpoints through a stateful callback (``sampler.py``). The hidden-state path takes the
 final hidden state through a forward hook that lives for one ``compute_loss`` call
 (``capture.py``). Nothing private is touched and no method of an object is replaced.
