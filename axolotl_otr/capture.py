@@ -36,6 +36,7 @@ class FinalHidden:
     def __init__(self) -> None:
         self._value: torch.Tensor | None = None
         self._calls = 0
+        self._taken = False
 
     def record(self, _module: nn.Module, _args, output) -> None:
         """The forward hook: keep the output's last hidden state."""
@@ -45,13 +46,15 @@ class FinalHidden:
 
     def take(self) -> torch.Tensor:
         """The captured tensor (once: the reference is dropped so it can be freed)."""
+        if self._taken:
+            raise RuntimeError("otr: the captured hidden state is handed out only once")
         if self._calls != 1 or self._value is None:
             raise RuntimeError(
                 f"otr: expected one forward pass of the decoder inside compute_loss, saw "
                 f"{self._calls}; this model or wrapper calls it differently, set "
                 "otr_fused: false to use the model's logits"
             )
-        value, self._value = self._value, None
+        value, self._value, self._taken = self._value, None, True
         return value
 
 

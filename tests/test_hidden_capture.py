@@ -154,3 +154,30 @@ def test_prediction_keeps_the_full_logits(tiny_dir, tmp_path):
     metrics = trainer.evaluate(eval_examples)
     assert metrics["eval_otr/ce"] == pytest.approx(output.metrics["test_otr/ce"], rel=1e-5)
     assert metrics["eval_loss"] == pytest.approx(output.metrics["test_loss"], rel=1e-5)
+
+
+def test_the_capture_hook_lives_for_one_call_and_catches_a_second_forward(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from axolotl_otr.capture import capture_final_hidden, find_decoder
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model").eval()
+    decoder = find_decoder(model)
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with torch.no_grad(), capture_final_hidden(decoder) as captured:
+        own = model(input_ids=ids, output_hidden_states=True)
+        hidden = captured.take()
+    torch.testing.assert_close(hidden, own.hidden_states[-1])
+    with pytest.raises(RuntimeError, match="once"):
+        captured.take()  # handed over once, then released
+    with torch.no_grad(), capture_final_hidden(decoder) as later:
+        pass
+    with torch.no_grad():
+        model(input_ids=ids)  # after the block: the hook is gone, nothing is recorded
+    with pytest.raises(RuntimeError, match="saw 0"):
+        later.take()
+    with torch.no_grad(), capture_final_hidden(decoder) as twice:
+        model(input_ids=ids)
+        model(input_ids=ids)
+        with pytest.raises(RuntimeError, match="saw 2"):
+            twice.take()
