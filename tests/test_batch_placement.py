@@ -98,12 +98,15 @@ def _compute_loss(trainer, inputs, items):
         return trainer.compute_loss(trainer.model, dict(inputs), num_items_in_batch=items).item()
 
 
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
 @pytest.mark.parametrize("fused", [True, False])
-def test_data_parallel_count_per_replica_gives_the_one_batch_loss(tiny_dir, tmp_path, fused):
+def test_data_parallel_count_per_replica_gives_the_one_batch_loss(
+    tiny_dir, tmp_path, fused, normalization
+):
     examples = make_examples(4, VOCAB)
     inputs = {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
     items = int((inputs["labels"][:, 1:] != -100).sum())
-    settings = OTRSettings(Objective(estimator="exact"), fused=fused)
+    settings = OTRSettings(Objective(estimator="exact"), normalization=normalization, fused=fused)
     trainer, _, _ = build_trainer(
         tiny_dir / "model", tmp_path, examples, micro_batch=4, accumulation=1, settings=settings
     )
