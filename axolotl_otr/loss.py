@@ -132,6 +132,11 @@ def _as_float(value: int | float | torch.Tensor | None, default: int) -> float:
     if value is None:
         return float(default)
     if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"num_items_in_batch must be a number or a one-element tensor, got shape "
+                f"{tuple(value.shape)}"
+            )
         value = value.item()
     return float(value)
 
@@ -233,6 +238,11 @@ def weighted_loss(
     from their keywords.
     """
     vocab_size = lm_head[0].shape[0] if lm_head is not None else activations.shape[-1]
+    # As the HF loss does: with the model split over devices (device_map: auto) the
+    # activations sit on the last one, the batch on the first.
+    labels = labels.to(activations.device)
+    if position_ids is not None:
+        position_ids = position_ids.to(activations.device)
     if activations.dim() == 2:
         activations = activations.unsqueeze(0)
     if activations.dim() != 3 or activations.shape[:2].numel() != labels.numel():

@@ -24,7 +24,6 @@ METRIC_KEYS = {
 }
 PPL_KEY = PREFIX + "ppl"
 LOGGED_KEYS = (*METRIC_KEYS.values(), PPL_KEY)
-EVAL_PREFIX = "eval_"
 
 
 def stats_to_metrics(stats: torch.Tensor) -> dict[str, float]:

@@ -2,13 +2,19 @@
 
 Choice: a trainer mixin (``OTRTrainerMixin``), the way Axolotl's own integrations (KD)
 change a trainer. It overrides public methods the Trainer documents as overridable
-(``compute_loss``, ``log``, ``get_batch_samples``) and always calls ``super()``, so
-Axolotl's and the HF Trainer's own logic keeps running around it. The loss itself sits in
-the Trainer's documented ``compute_loss_func`` slot, so the Trainer keeps counting
-``num_items_in_batch`` over the whole accumulation window and scaling for data
-parallelism exactly as it does for cross-entropy. The sampler's seed travels with
-checkpoints through a stateful callback (``sampler.py``). Nothing private is touched and
-no method of an object is replaced.
+(``compute_loss``, ``log``, ``get_batch_samples``, ``evaluation_loop``) and always calls
+``super()``, so Axolotl's and the HF Trainer's own logic keeps running around it. The
+loss itself sits in the Trainer's documented ``compute_loss_func`` slot, so the Trainer
+keeps counting ``num_items_in_batch`` over the whole accumulation window and scaling for
+data parallelism exactly as it does for cross-entropy. The sampler's seed travels with
+checkpoints through a stateful callback (``sampler.py``). The hidden-state path takes the
+final hidden state through a forward hook that lives for one ``compute_loss`` call
+(``capture.py``). Nothing private is touched and no method of an object is replaced.
+
+Collectives: the OTR metrics are summed over processes only where every process is,
+at a training log (every process logs it) and at the end of ``evaluation_loop``; never
+in a log call that one process makes alone (Axolotl's bench evaluation logs
+``eval_bench_*`` keys on rank 0 only).
 
 - Axolotl: the plugin returns ``with_otr(AxolotlTrainer)`` from ``get_trainer_cls`` and
   attaches the settings in ``post_trainer_create``.
@@ -20,13 +26,15 @@ from __future__ import annotations
 
 import functools
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .capture import FinalHidden, capture_final_hidden, find_decoder
 from .loss import count_sequences, weighted_loss
-from .metrics import EVAL_PREFIX, StatsAccumulator
+from .metrics import StatsAccumulator
 from .objective import OTRSettings
 from .output_layer import OutputLayer, choose_output_layer
 from .router_loss import router_loss
@@ -42,7 +50,7 @@ class _Call:
 
     phase: str  # "train" or "eval"
     position_ids: torch.Tensor | None
-    hidden: bool  # the model returned hidden states instead of full logits
+    hidden: FinalHidden | None  # the captured final hidden state (None: full logits)
     model: torch.nn.Module
 
 
@@ -50,6 +58,7 @@ class OTRTrainerMixin:
     """Trains with the OTR loss once ``attach_otr`` gave it settings (inert before)."""
 
     otr_settings: OTRSettings | None = None
+    _otr_loss_only = False  # inside an evaluation loop that keeps no logits
 
     def attach_otr(self, settings: OTRSettings) -> OTRTrainerMixin:
         """Turn OTR on with ``settings`` (a second call with the same settings is a no-op)."""
@@ -68,6 +77,23 @@ class OTRTrainerMixin:
             )
         self.otr_settings = settings
         self.otr_output_layer = choose_output_layer(self, settings.fused)
+        if self.args.n_gpu > 1 and not self.args.average_tokens_across_devices:
+            if settings.normalization == "token":
+                raise ValueError(
+                    f"otr: DataParallel over {self.args.n_gpu} GPUs in one process with "
+                    "average_tokens_across_devices false: the Trainer hands the loss "
+                    "floor(tokens / n_gpu), not the token count. Set "
+                    "average_tokens_across_devices: true, or launch one process per GPU "
+                    "(torchrun / accelerate launch)."
+                )
+        self._otr_decoder = find_decoder(self.model)
+        if self.otr_output_layer.weight_and_bias is not None:
+            if self.args.n_gpu > 1:
+                self.otr_output_layer = OutputLayer(
+                    None, "DataParallel replicates the model in every forward pass"
+                )
+            elif self._otr_decoder is None:
+                self.otr_output_layer = OutputLayer(None, "the model has no get_decoder()")
         self.otr_metrics = StatsAccumulator()
         self.otr_sampler = StepSampler(settings.seed, self.args.process_index)
         self._otr_call: _Call | None = None
@@ -91,25 +117,30 @@ class OTRTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.otr_settings is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        hidden = (
-            self.otr_output_layer.weight_and_bias is not None
-            and model.training
-            and not return_outputs
+        # Training, and evaluation whose logits are thrown away (no compute_metrics),
+        # take the chunked path; a prediction loop that keeps the logits needs them all.
+        hidden = self.otr_output_layer.weight_and_bias is not None and (
+            (model.training and not return_outputs) or (not model.training and self._otr_loss_only)
         )
         if hidden:
-            inputs = {**inputs, "logits_to_keep": 1, "output_hidden_states": True}
-        self._otr_call = _Call(
-            phase="train" if model.training else "eval",
-            position_ids=inputs.get("position_ids"),
-            hidden=hidden,
-            model=model,
-        )
-        try:
-            return super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            # The lm_head runs on the last position only; the loss projects the rest
+            # chunk by chunk from the captured hidden state.
+            inputs = {**inputs, "logits_to_keep": 1}
+        capture = capture_final_hidden(self._otr_decoder) if hidden else nullcontext()
+        with capture as final_hidden:
+            self._otr_call = _Call(
+                phase="train" if model.training else "eval",
+                position_ids=inputs.get("position_ids"),
+                hidden=final_hidden,
+                model=model,
             )
-        finally:
-            self._otr_call = None
+            try:
+                return super().compute_loss(
+                    model, inputs, return_outputs=return_outputs,
+                    num_items_in_batch=num_items_in_batch,
+                )  # fmt: skip
+            finally:
+                self._otr_call = None
 
     def _otr_loss_func(self, outputs, labels, num_items_in_batch=None):
         """The ``compute_loss_func`` the Trainer calls with the model outputs."""
@@ -120,12 +151,18 @@ class OTRTrainerMixin:
             raise ValueError("otr: the batch has no labels; OTR needs target tokens")
         settings = self.otr_settings
         training = call.phase == "train"
-        units = num_items_in_batch
+        units = _global_count(num_items_in_batch)
         if settings.normalization == "sequence":
             units = self._otr_window_sequences if training else None
-        if call.hidden:
-            activations = outputs.hidden_states[-1]
+        if call.hidden is not None:
             lm_head = self.otr_output_layer.weight_and_bias()
+            if not torch.is_grad_enabled():
+                # An autograd Function sees requires_grad, not the grad mode: without
+                # this it would compute the lm_head's gradient in evaluation.
+                lm_head = tuple(t.detach() if t is not None else None for t in lm_head)
+            # With device_map the lm_head (tied: next to the embeddings) may sit on
+            # another device than the decoder's output; its own forward moves it too.
+            activations = call.hidden.take().to(lm_head[0].device)
         else:
             activations = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
             lm_head = None
@@ -137,12 +174,19 @@ class OTRTrainerMixin:
             position_ids=call.position_ids, generator=generator,
         )  # fmt: skip
         steps = self._otr_accumulation_steps() if training else 1
+        scale = self._otr_world_scale(num_items_in_batch)
         if units is None:
-            # No window count: each micro-batch is its own mean, so average the window.
-            loss = loss / steps
+            # No window count: each micro-batch is its own mean, so average the window,
+            # and undo the Trainer's factor (a local mean is not a share of a global sum).
+            loss = loss / (steps * scale)
+        elif self.args.n_gpu > 1:
+            # DataParallel: this loss already covers the gathered batch of all GPUs.
+            loss = loss / scale
         aux = router_loss(outputs, call.model)
         if aux is not None:
-            loss = loss + aux.to(loss.device) / (steps * self._otr_world_scale(num_items_in_batch))
+            # DataParallel gathers one aux_loss per replica: the model's loss is their mean.
+            aux = aux.to(loss.device).mean()
+            loss = loss + aux / (steps * scale)
         self.otr_metrics.add(call.phase, stats)
         return loss
 
@@ -153,11 +197,18 @@ class OTRTrainerMixin:
 
     def _otr_world_scale(self, num_items_in_batch) -> int:
         """The factor the Trainer multiplies a ``compute_loss_func`` loss by (token counts
-        across devices). The router term is divided by it first, so after DDP's gradient
-        mean it is the mean of the processes' router losses, as for one process."""
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            return max(self.accelerator.num_processes, 1)
-        return 1
+        across devices; transformers 5.x does it in evaluation too). The router term and
+        local means are divided by it first, so after DDP's gradient mean (or the eval
+        loop's mean over processes) they are the mean of the processes' values."""
+        if not (self.args.average_tokens_across_devices and num_items_in_batch is not None):
+            return 1
+        if self.args.n_gpu > 1:
+            return self.args.n_gpu
+        processes = max(self.accelerator.num_processes, 1)
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        if parallelism is not None:
+            processes //= max(parallelism.tp_size, 1)
+        return max(processes, 1)
 
     def get_batch_samples(self, *args, **kwargs):
         """Count the sequences of the accumulation window (``sequence`` normalization)."""
@@ -176,18 +227,50 @@ class OTRTrainerMixin:
 
     # ---- logging ------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args, **kwargs):
-        """Add the OTR metrics of the steps since the last log, then log as usual."""
-        if self.otr_settings is not None:
-            if "loss" in logs:
-                logs.update(self.otr_metrics.pop_metrics("train", "", self._otr_reduce))
-            elif any(key.startswith(EVAL_PREFIX) for key in logs):
-                logs.update(self.otr_metrics.pop_metrics("eval", EVAL_PREFIX, self._otr_reduce))
+        """Add the OTR training metrics of the steps since the last log, then log as usual.
+
+        Only a training log (``loss``, logged by every process) reduces over processes;
+        evaluation metrics are added in ``evaluation_loop``, which every process runs.
+        """
+        if self.otr_settings is not None and "loss" in logs:
+            logs.update(self.otr_metrics.pop_metrics("train", "", self._otr_reduce))
         return super().log(logs, *args, **kwargs)
+
+    def evaluation_loop(
+        self,
+        dataloader,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ):
+        """The Trainer's loop, then the OTR metrics of its batches, summed over processes."""
+        loss_only = prediction_loss_only
+        self._otr_loss_only = self.args.prediction_loss_only if loss_only is None else loss_only
+        try:
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only=prediction_loss_only,
+                ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix,
+            )  # fmt: skip
+        finally:
+            self._otr_loss_only = False
+        if self.otr_settings is not None:
+            prefix = f"{metric_key_prefix}_"
+            output.metrics.update(self.otr_metrics.pop_metrics("eval", prefix, self._otr_reduce))
+        return output
 
     def _otr_reduce(self, stats: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes <= 1:
             return stats
         return self.accelerator.reduce(stats.to(self.accelerator.device), reduction="sum")
+
+
+def _global_count(num_items_in_batch):
+    """The window's unit count. Under DataParallel the Trainer repeats the scalar once per
+    GPU ([n_gpu, 1], for the replicas' own losses); every entry is the same total."""
+    if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.numel() > 1:
+        return num_items_in_batch.reshape(-1)[0]
+    return num_items_in_batch
 
 
 @functools.cache
