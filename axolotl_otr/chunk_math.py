@@ -37,7 +37,8 @@ import torch
 from .objective import Objective
 
 # Order of the per-chunk statistics vector (sums over positions, unscaled).
-STAT_NAMES = ("tokens", "ce", "p_target", "hit_rate", "entropy")
+# argmax_share: targets that are the row's largest logit (a tie counts as the argmax).
+STAT_NAMES = ("tokens", "ce", "p_target", "hit_rate", "entropy", "argmax_share")
 
 
 @dataclass
@@ -116,6 +117,7 @@ class Head(NamedTuple):
     rollout: torch.Tensor | None  # [n, V] unnormalized rollout policy pi' (OTR only)
     inv_rollout_sum: torch.Tensor | None  # [n, 1] 1 / sum(rollout), when computed
     finite: torch.Tensor  # 0-dim bool: every row's max logit is finite
+    target_is_max: torch.Tensor  # [n] bool: z_y is the row's largest logit
 
 
 def nonfinite_error() -> FloatingPointError:
@@ -145,6 +147,7 @@ def chunk_head(
     """
     row_max = z.amax(-1, keepdim=True)
     finite = torch.isfinite(row_max).all()
+    target_is_max = (z.gather(1, y) >= row_max).view(-1)
     # exp(z - max), left unnormalized: 1 / sum is folded into the per-row factors below,
     # which saves a division pass. (torch.softmax and max-with-indices would save a pass
     # too, but they spawn threads even for tiny rows, which costs milliseconds per call
@@ -164,7 +167,9 @@ def chunk_head(
             shift = row_max * (-1.0 / kappa)
             rollout = torch.add(shift, z, alpha=1.0 / kappa, out=_buffer(ws, "rollout", z))
             rollout = rollout.exp_()
-    return Head(pi, inv_sum, lse, logp_y, entropy, rollout, inv_rollout_sum, finite)
+    return Head(
+        pi, inv_sum, lse, logp_y, entropy, rollout, inv_rollout_sum, finite, target_is_max
+    )
 
 
 def chunk_tail(
@@ -224,8 +229,11 @@ def chunk_tail(
             loss_t = -(beta * mean_logp + target_weight * logp_y)
 
     stats = torch.stack(
-        [torch.ones_like(p_y).sum(), (-logp_y).sum(), p_y.sum(), hit.sum(), entropy.sum()]
-    )
+        [
+            torch.ones_like(p_y).sum(), (-logp_y).sum(), p_y.sum(), hit.sum(), entropy.sum(),
+            head.target_is_max.to(p_y.dtype).sum(),
+        ]
+    )  # fmt: skip
     loss = (loss_t * scale).sum()
     if not need_grad:
         return loss, None, stats

@@ -24,6 +24,14 @@ METRIC_KEYS = {
 }
 PPL_KEY = PREFIX + "ppl"
 LOGGED_KEYS = (*METRIC_KEYS.values(), PPL_KEY)
+# The base model's token-level measures on the fine-tuning data, from the window of the
+# first optimizer step (before any update), logged once at the first training log: what
+# the map of measured runs is indexed by (``map_reading.py``).
+FIRST_WINDOW = "first_window"
+FIRST_WINDOW_KEYS = {
+    "p_target": PREFIX + "first_window_p_target",
+    "argmax_share": PREFIX + "first_window_argmax_share",
+}
 
 
 def stats_to_metrics(stats: torch.Tensor) -> dict[str, float]:
@@ -47,13 +55,11 @@ class StatsAccumulator:
         current = self._sums.get(phase)
         self._sums[phase] = stats.clone() if current is None else current + stats
 
-    def pop_metrics(
-        self,
-        phase: str,
-        prefix: str = "",
-        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    def pop_means(
+        self, phase: str, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     ) -> dict[str, float]:
-        """Means since the last pop (summed over processes by ``reduce``), then reset.
+        """Means per target token since the last pop (summed over processes by ``reduce``,
+        ``tokens`` their count), then reset.
 
         ``reduce`` is a collective: it is called on every process, also by one that has
         nothing to report (it contributes zeros), so all processes enter it together.
@@ -63,7 +69,17 @@ class StatsAccumulator:
             stats = torch.zeros(len(STAT_NAMES), dtype=torch.float32)
         if reduce is not None:
             stats = reduce(stats)
-        means = stats_to_metrics(stats)
+        return stats_to_metrics(stats)
+
+    def pop_metrics(
+        self,
+        phase: str,
+        prefix: str = "",
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> dict[str, float]:
+        """The logged metrics (``METRIC_KEYS``, ``PPL_KEY``) of ``pop_means``; none without
+        a target token."""
+        means = self.pop_means(phase, reduce)
         if not means["tokens"]:
             return {}
         logs = {prefix + key: round(means[name], 6) for name, key in METRIC_KEYS.items()}

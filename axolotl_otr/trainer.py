@@ -33,8 +33,9 @@ from typing import Any
 import torch
 
 from .capture import FinalHidden, capture_final_hidden, find_decoder
+from . import map_reading
 from .loss import count_sequences, weighted_loss
-from .metrics import StatsAccumulator
+from .metrics import FIRST_WINDOW, FIRST_WINDOW_KEYS, StatsAccumulator
 from .objective import OTRSettings
 from .output_layer import OutputLayer, choose_output_layer
 from .router_loss import router_loss
@@ -98,6 +99,7 @@ class OTRTrainerMixin:
         self.otr_sampler = StepSampler(settings.seed, self.args.process_index)
         self._otr_call: _Call | None = None
         self._otr_window_sequences: int | None = None
+        self._otr_first_window_read = False
         self.compute_loss_func = self._otr_loss_func
         self.add_callback(OTRSamplerState(settings.seed))
         path = (
@@ -188,6 +190,9 @@ class OTRTrainerMixin:
             aux = aux.to(loss.device).mean()
             loss = loss + aux / (steps * scale)
         self.otr_metrics.add(call.phase, stats)
+        if training and self.state.global_step == 0 and not self._otr_first_window_read:
+            # Before the first update: the base model's measures on the fine-tuning data.
+            self.otr_metrics.add(FIRST_WINDOW, stats)
         return loss
 
     def _otr_accumulation_steps(self) -> int:
@@ -234,7 +239,32 @@ class OTRTrainerMixin:
         """
         if self.otr_settings is not None and "loss" in logs:
             logs.update(self.otr_metrics.pop_metrics("train", "", self._otr_reduce))
+        # The run's first training log, or its end-of-training log if it never logged
+        # a loss: both are made by every process.
+        first = "loss" in logs or "train_loss" in logs
+        if self.otr_settings is not None and first and not self._otr_first_window_read:
+            logs.update(self._otr_read_first_window())
         return super().log(logs, *args, **kwargs)
+
+    def _otr_read_first_window(self) -> dict[str, float]:
+        """The first window's measures (summed over processes) and, on the main process,
+        the line that places them on the measured map. Nothing for a resumed run: its first
+        window was not at step 0, so its model is no longer the base model."""
+        self._otr_first_window_read = True
+        means = self.otr_metrics.pop_means(FIRST_WINDOW, self._otr_reduce)
+        if not means["tokens"]:
+            return {}
+        if self.is_world_process_zero():
+            try:
+                line = map_reading.read_map(
+                    means["p_target"], means["argmax_share"], map_reading.load_map(),
+                    tokens=int(means["tokens"]),
+                )  # fmt: skip
+            except (OSError, ValueError) as err:
+                LOG.warning("OTR map: not read (%s)", err)
+            else:
+                LOG.info(line)
+        return {key: round(means[name], 6) for name, key in FIRST_WINDOW_KEYS.items()}
 
     def evaluation_loop(
         self,

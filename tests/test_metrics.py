@@ -37,7 +37,7 @@ def _worker(rank: int, init_file: str, results) -> None:
 
         accumulator = StatsAccumulator()
         if rank == 0:  # rank 1 saw no evaluation batch at all
-            accumulator.add("eval", torch.tensor([4.0, 8.0, 2.0, 1.0, 6.0]))
+            accumulator.add("eval", torch.tensor([4.0, 8.0, 2.0, 1.0, 6.0, 3.0]))
         metrics = accumulator.pop_metrics("eval", "eval_", reduce)
         # A second collective: it pairs with the first one on the other rank if a rank
         # skipped its all-reduce, and then fails or times out instead of passing.
