@@ -167,9 +167,7 @@ def chunk_head(
             shift = row_max * (-1.0 / kappa)
             rollout = torch.add(shift, z, alpha=1.0 / kappa, out=_buffer(ws, "rollout", z))
             rollout = rollout.exp_()
-    return Head(
-        pi, inv_sum, lse, logp_y, entropy, rollout, inv_rollout_sum, finite, target_is_max
-    )
+    return Head(pi, inv_sum, lse, logp_y, entropy, rollout, inv_rollout_sum, finite, target_is_max)
 
 
 def chunk_tail(

@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from .capture import FinalHidden, capture_final_hidden, find_decoder
 from . import map_reading
+from .capture import FinalHidden, capture_final_hidden, find_decoder
 from .loss import count_sequences, weighted_loss
 from .metrics import FIRST_WINDOW, FIRST_WINDOW_KEYS, StatsAccumulator
 from .objective import OTRSettings
