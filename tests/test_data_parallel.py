@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from axolotl_otr.metrics import FIRST_WINDOW_KEYS
+
 pytestmark = pytest.mark.integration
 
 WORKER = Path(__file__).parent / "ddp_worker.py"
@@ -46,3 +48,8 @@ def test_two_processes_equal_one_process_with_the_global_batch(tiny_dir, tmp_pat
     ce_one = [log["otr/ce"] for log in one["logs"] if "otr/ce" in log]
     ce_two = [log["otr/ce"] for log in two["logs"] if "otr/ce" in log]
     assert ce_two == pytest.approx(ce_one, rel=1e-4)
+    # the first window's measures: summed over both ranks and both micro-batches, once
+    for key in FIRST_WINDOW_KEYS.values():
+        (value_one,) = [log[key] for log in one["logs"] if key in log]
+        (value_two,) = [log[key] for log in two["logs"] if key in log]
+        assert 0 <= value_one < 1 and value_two == pytest.approx(value_one, rel=1e-4, abs=1e-6)

@@ -388,3 +388,28 @@ def test_hidden_state_path_with_an_lm_head_bias_matches_the_reference(recorded_d
     for name, a, b in zip(("hidden", "weight", "bias"), got, want, strict=True):
         assert b.abs().sum() > 0, name
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("objective", ["sft", "dft", "otr"])
+@pytest.mark.parametrize("estimator", ["sampled", "exact"])
+@pytest.mark.parametrize("from_hidden", [False, True])
+def test_argmax_share_is_the_share_of_targets_the_model_ranks_first(
+    objective, estimator, from_hidden
+):
+    gen = torch.Generator().manual_seed(21)
+    hidden = torch.randn(B, T, 8, generator=gen)
+    weight = torch.randn(V, 8, generator=gen)
+    logits = hidden @ weight.T
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    labels[0, :3] = -100
+    # every other target is the model's argmax at its (shifted) position
+    labels[:, 1::2] = logits[:, :-1].argmax(-1)[:, 0::2]
+    kwargs = dict(objective=objective, estimator=estimator, chunk_size=4, return_metrics=True)
+    if from_hidden:
+        _, stats = otr_loss_from_hidden(hidden, weight, labels, **kwargs)
+    else:
+        _, stats = otr_loss(logits, labels, **kwargs)
+    z, y = shifted(logits, labels)
+    expected = (z.argmax(-1) == y).double().mean().item()
+    assert 0.4 < expected < 1.0
+    assert stats_to_metrics(stats)["argmax_share"] == pytest.approx(expected, rel=1e-6)

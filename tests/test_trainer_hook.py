@@ -11,6 +11,7 @@ import torch
 from trainer_setup import build_trainer, make_examples
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
+from axolotl_otr.metrics import FIRST_WINDOW_KEYS
 from axolotl_otr.objective import Objective, OTRSettings
 from axolotl_otr.sampler import OTRSamplerState
 from axolotl_otr.trainer import OTRTrainerMixin, install_otr
@@ -130,6 +131,10 @@ def test_resume_repeats_the_sampled_draws(tiny_dir, tmp_path):
     resumed.train(resume_from_checkpoint=str(checkpoint))
     got = [log["loss"] for log in resumed_logs.logs if "loss" in log]
     assert got == pytest.approx(expected, rel=1e-5)
+    # the first window's measures are the base model's: a resumed run has none to log
+    first_window = FIRST_WINDOW_KEYS["p_target"]
+    assert first_window in full_logs.logs[0]
+    assert not any(first_window in log for log in resumed_logs.logs)
 
 
 def test_resume_with_another_seed_draws_other_tokens_and_says_so(tiny_dir, tmp_path, caplog):
