@@ -22,7 +22,8 @@ QUIET_PIP := 2>&1 | sed '/^WARNING: Location .* is ignored/d'
 MATPLOTLIB_VERSION ?= 3.11.2
 STAMP_DEPS := $(VENV)/.deps-$(AXOLOTL_VERSION)-mpl$(MATPLOTLIB_VERSION)
 STAMP_PKG := $(VENV)/.otr-installed
-PKG_SOURCES := pyproject.toml _axolotl_otr_alias.py axolotl_otr_alias.pth $(wildcard axolotl_otr/*.py)
+PKG_SOURCES := pyproject.toml _axolotl_otr_alias.py axolotl_otr_alias.pth $(wildcard axolotl_otr/*.py) \
+	axolotl_otr/otr_map.json
 
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1

@@ -10,6 +10,9 @@ import copy
 import importlib.util
 import json
 import math
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -235,3 +238,17 @@ def test_the_generator_with_no_measured_level_gives_an_empty_readable_map(tmp_pa
     otr_map = generator.derive(str(results))
     assert otr_map["levels"] == [] and len(otr_map["skipped"]) == 2
     assert "no measured level to compare with" in read_map(0.5, 0.5, otr_map)
+
+
+@pytest.mark.integration
+def test_the_wheel_carries_the_map(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--disable-pip-version-check",
+         "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (wheel,) = tmp_path.glob("axolotl_otr-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = archive.read(f"axolotl_otr/{map_reading.MAP_FILE}").decode()
+    assert shipped == (ROOT / "axolotl_otr" / map_reading.MAP_FILE).read_text()
