@@ -44,6 +44,15 @@ class _Advice:
     text: str
 
 
+def _p(value: float) -> str:
+    """A probability: two decimals, or two significant digits below 0.01 (not "0.00")."""
+    return f"{value:.2f}" if value >= 0.01 or value == 0 else f"{value:.2g}"
+
+
+def _share(value: float) -> str:
+    return f"{value:.0%}" if value >= 0.01 or value == 0 else f"{value:.2%}"
+
+
 def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"OTR map: {what} must be a finite number, got {value!r}")
@@ -125,7 +134,7 @@ def _level_text(level: dict[str, Any], labels: dict[str, str]) -> str:
         if m in level["differences"]
     ]
     name = level.get("name", "a measured level")
-    head = f"{name} (p {level['p_target']:.2f}, argmax {level['argmax_share']:.0%}"
+    head = f"{name} (p {_p(level['p_target'])}, argmax {_share(level['argmax_share'])}"
     return head + ("; " + ", ".join(parts) if parts else "") + ")"
 
 
@@ -139,8 +148,8 @@ def read_map(
         return "OTR map: no target token in the first optimizer step; nothing to place on the map"
     counted = f", {tokens} target tokens of the first optimizer step" if tokens else ""
     you = (
-        f"OTR map: your base model gives the targets mean p {p_target:.2f} "
-        f"(argmax {argmax_share:.0%}{counted})"
+        f"OTR map: your base model gives the targets mean p {_p(p_target)} "
+        f"(argmax {_share(argmax_share)}{counted})"
     )
     levels = _levels(otr_map)
     if not levels:

@@ -252,3 +252,8 @@ def test_the_wheel_carries_the_map(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         shipped = archive.read(f"axolotl_otr/{map_reading.MAP_FILE}").decode()
     assert shipped == (ROOT / "axolotl_otr" / map_reading.MAP_FILE).read_text()
+
+
+def test_small_values_are_not_printed_as_zero(synthetic_map):
+    line = read_map(0.001914, 0.004, synthetic_map)
+    assert "mean p 0.0019 (argmax 0.40%" in line
