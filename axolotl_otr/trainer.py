@@ -14,7 +14,10 @@ final hidden state through a forward hook that lives for one ``compute_loss`` ca
 Collectives: the OTR metrics are summed over processes only where every process is,
 at a training log (every process logs it) and at the end of ``evaluation_loop``; never
 in a log call that one process makes alone (Axolotl's bench evaluation logs
-``eval_bench_*`` keys on rank 0 only).
+``eval_bench_*`` keys on rank 0 only). The first optimizer step's statistics (the base
+model on the fine-tuning data) are kept apart and summed once, at the first training log
+(or the end-of-training log), where every process is too; only the main process prints
+the line that places them on the measured map (``map_reading.py``).
 
 - Axolotl: the plugin returns ``with_otr(AxolotlTrainer)`` from ``get_trainer_cls`` and
   attaches the settings in ``post_trainer_create``.

@@ -41,6 +41,7 @@ RESULTS = os.path.join(ROOT, "bench", "results")
 MAP_NAME = "otr_map.json"
 PACKAGED = os.path.join(ROOT, "axolotl_otr", MAP_NAME)
 METRIC = "in_domain"
+NAN = float("nan")
 SETTING = "best_lr"
 # The methods whose verdicts the plugin's line reads, with the words it uses for them:
 # pure OTR (what `otr: true` trains) and the mix the README recommends for OTR users.
@@ -127,20 +128,21 @@ def derive(results: str = RESULTS) -> dict[str, Any]:
         payload = json.load(open(path))
         source = "bench/results/continuum.json"
         for lv in payload.get("levels", []):
-            name = f"scale 1 level {lv['level']} (base in-domain {lv['base'][METRIC]:.2f})"
+            base = lv.get("base", {})
+            name = f"scale 1 level {lv['level']} (base in-domain {base.get(METRIC, NAN):.2f})"
             measures = _measures(lv.get("token_measures"))
             if measures is None:
                 skipped.append({"name": name, "source": source, "reason": "no token_measures"})
                 continue
             runs = [r for r in payload["runs"] if r.get("level") == lv["level"]]
-            levels.append(_level(name, source, measures, lv["base"], runs))
+            levels.append(_level(name, source, measures, base, runs))
             scopes.append("continuum")
     for path in sorted(glob.glob(os.path.join(results, "real_model*.json"))):
         payload = json.load(open(path))
         stem = os.path.splitext(os.path.basename(path))[0]
         source = f"bench/results/{stem}.json"
         base = payload.get("base_model", {})
-        name = f"scale 2 {stem} (base in-domain {base.get(METRIC, float('nan')):.2f})"
+        name = f"scale 2 {stem} (base in-domain {base.get(METRIC, NAN):.2f})"
         found = payload.get("token_measures", base.get("token_measures"))
         measures = _measures(found)
         if measures is None:
