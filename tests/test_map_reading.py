@@ -257,3 +257,12 @@ def test_the_wheel_carries_the_map(tmp_path):
 def test_small_values_are_not_printed_as_zero(synthetic_map):
     line = read_map(0.001914, 0.004, synthetic_map)
     assert "mean p 0.0019 (argmax 0.40%" in line
+
+
+def test_the_generators_check_mode_tells_stale_from_fresh(tmp_path, capsys):
+    generator = _generator()
+    assert generator.main(["--check"]) == 0
+    results = _results(tmp_path, measured=True)  # results whose map is not the shipped one
+    assert generator.main(["--results", str(results), "--check"]) == 1
+    assert "differs from what" in capsys.readouterr().out
+    assert not (results / "otr_map.json").exists()  # --check writes nothing
