@@ -12,6 +12,7 @@ from reference import per_token_loss, reference_loss, shifted
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import axolotl_otr.chunk_budget as chunk_budget
 import axolotl_otr.chunk_math as chunk_math
 import axolotl_otr.fused as fused
 from axolotl_otr import otr_loss, otr_loss_from_hidden
@@ -224,14 +225,32 @@ def test_bf16_autocast_weight_gradient_is_accumulated_in_fp32(
 
 
 def test_default_chunk_size_per_device():
-    # CPU: unchanged, 64 MiB of fp32 logits
-    assert fused.default_chunk_size(151936, 2048, "cpu", 896) == fused.CHUNK_BYTES // (4 * 151936)
-    # GPU, hidden path: Liger's rule, next_power_of_2(ceil(2048 / ceil(151936 / 896)))
-    assert fused.default_chunk_size(151936, 2048, "cuda", 896) == 16
-    assert fused.default_chunk_size(151936, 4096, "cuda", 1536) == 64  # ceil(4096 / 99) = 42
-    assert fused.default_chunk_size(32000, 1, "cuda", 4096) == 1
-    # GPU, logits path: GPU_LOGITS_CHUNKS chunks
-    assert fused.default_chunk_size(32000, 2048, "cuda") == 2048 // fused.GPU_LOGITS_CHUNKS
+    """Rows per chunk = the device's byte budget over every buffer of one row."""
+    otr, sft = Objective(), Objective("sft")
+    v, d = 151936, 896
+    # CPU: CPU_CHUNK_BYTES over z (fp32) + pi + rollout/CDF + the draws' [K] buffers
+    per_row = 12 * v + 256 * (4 + 8 + 4 + 1) + 2 * d * 4
+    assert fused.default_chunk_size(v, 2048, "cpu", d) == fused.CHUNK_BYTES // per_row
+    # the same three [n, V] buffers for SFT (z, pi, product): about the same rows
+    assert (
+        fused.default_chunk_size(v, 2048, "cpu", d, objective=sft) >= fused.CHUNK_BYTES // per_row
+    )
+    # exact OTR at kappa != 1 holds a fourth: fewer rows
+    exact = fused.default_chunk_size(v, 2048, "cpu", d, objective=Objective(estimator="exact"))
+    assert exact < fused.CHUNK_BYTES // per_row
+    # a bf16 compute dtype halves z: more rows
+    bf16 = fused.default_chunk_size(v, 2048, "cpu", d, compute_dtype=torch.bfloat16)
+    assert bf16 > fused.CHUNK_BYTES // per_row
+    # GPU, hidden path: the fp32 bytes of Liger's chunk (next_power_of_2(ceil(T / ceil(V / H)))
+    # rows), at least GPU_MIN_CHUNK_BYTES: 2048 x 896 -> 16 rows -> 9.7 MB -> the 32 MiB floor
+    floor = chunk_budget.GPU_MIN_CHUNK_BYTES
+    assert chunk_budget.default_budget("cuda", v, 2048, d) == floor
+    # 8192 x 3584 -> 256 Liger rows -> 155 MB
+    assert chunk_budget.default_budget("cuda", v, 8192, 3584) == 4 * v * 256
+    rows = fused.default_chunk_size(v, 8192, "cuda", 3584, objective=otr)
+    buffers = chunk_budget.row_buffers(v, otr, torch.float32, 3584)
+    assert rows == 4 * v * 256 // sum(b.bytes for b in buffers)
+    assert fused.default_chunk_size(32000, 1, "cuda", 4096) >= 1
 
 
 def test_explicit_chunk_size_overrides_the_default(monkeypatch):
