@@ -199,3 +199,31 @@ def test_bench_quick_smoke(script, keys):
     for key in keys:
         assert key in pairs, last
         float(pairs[key])
+
+
+def test_sampler_is_the_inverse_cdf_of_its_uniforms():
+    """Each draw is the first token whose cumulative weight exceeds u * total, with u the
+    generator's uniforms: the same tokens as a float64 inverse CDF on the same u."""
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.rand(6, 40, generator=gen) ** 3
+    weights[:, ::7] = 0  # tokens of weight 0 are never drawn
+    weights[0, -5:] = 0  # nor trailing ones
+    draws = chunk_math.sample_tokens(weights.clone(), 500, torch.Generator().manual_seed(5))
+    uniforms = torch.empty(6, 500).uniform_(generator=torch.Generator().manual_seed(5))
+    cdf = weights.double().cumsum(1)
+    want = torch.searchsorted(cdf, uniforms.double() * cdf[:, -1:], right=True)
+    assert torch.equal(draws, want)
+    assert not (weights.gather(1, draws) == 0).any()
+
+
+def test_sampler_frequencies_pass_a_chi_square_test():
+    weights = torch.tensor([[0.5, 0.0, 2.0, 1.0, 0.25, 3.0], [1.0, 1.0, 0.0, 0.0, 4.0, 0.01]])
+    n = 200_000
+    draws = chunk_math.sample_tokens(weights.clone(), n, torch.Generator().manual_seed(1))
+    for row, w in zip(draws, weights, strict=True):
+        counts = torch.bincount(row, minlength=6).double()
+        expected = n * w.double() / w.sum()
+        assert counts[w == 0].sum() == 0
+        keep = w > 0
+        chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum().item()
+        assert chi2 < 20.5, chi2  # 4 degrees of freedom: P(chi2 > 18.5) = 0.001

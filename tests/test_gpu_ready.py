@@ -156,6 +156,34 @@ def test_sync_free_chunked_loss_reads_the_device_once_per_forward(estimator, syn
     assert reads > 2
 
 
+class _Multinomial(TorchDispatchMode):
+    """Counts ``torch.multinomial`` calls (its K = 1 path reads the device on the host)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.__name__.split(".")[0] == "multinomial"
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("num_samples", [1, 2, 256])
+def test_sync_free_draws_need_no_multinomial_and_no_host_read(num_samples, sync_free):
+    """K = 1 included: the inverse-CDF sampler reads nothing on the host, so the forward's
+    one read is still the NaN/Inf flag; ``torch.multinomial`` is never called."""
+    hidden, weight, labels = data(8)
+    targets = select_targets(labels)
+    obj = Objective(num_samples=num_samples)
+    args = (targets.rows, targets.tokens, targets.scale, obj, torch.Generator(), 3)
+    flat = hidden.reshape(-1, H)
+    spy = _Multinomial()
+    with spy:
+        reads = count_host_reads(lambda: fused.fused_linear_loss(flat, weight, None, *args))
+    assert reads == 1
+    assert spy.count == 0
+
+
 # Inductor compiles C++ per graph (seconds each): tiny shapes, both estimators in one
 # test, and the `compile` marker lets a quick run skip it.
 @pytest.mark.compile
