@@ -56,6 +56,7 @@ def row_buffers(
     objective: Objective,
     compute_dtype: torch.dtype = torch.float32,
     hidden_size: int | None = None,
+    device: torch.device | str = "cpu",
 ) -> list[Buffer]:
     """Bytes per chunk row of every buffer a chunk holds at its peak (one row's share).
 
@@ -64,10 +65,11 @@ def row_buffers(
     """
     v, c = vocab_size, _size(compute_dtype)
     where = "copy of the given logits" if hidden_size is None else "h @ W.T"
-    rows = [
-        Buffer(f"logits z [n, V] in the compute dtype ({where})", v * c),
-        Buffer("softmax, then the logit gradient [n, V] fp32", 4 * v),
-    ]
+    rows = [Buffer(f"logits z [n, V] in the compute dtype ({where})", v * c)]
+    if c != 4 and torch.device(device).type == "cpu":
+        # CPU kernels cast a mixed-dtype input to a temporary in every op; one cast instead
+        rows.append(Buffer("logits upcast to fp32 [n, V] (CPU only)", 4 * v))
+    rows += [Buffer("softmax, then the logit gradient [n, V] fp32", 4 * v)]
     otr = objective.kind == "otr"
     sampled = otr and objective.estimator == "sampled"
     if otr and (sampled or objective.temperature != 1.0):

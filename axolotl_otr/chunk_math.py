@@ -322,6 +322,12 @@ def weighted_nll_chunk(
         compile: run the math through ``compiled_stages`` (fresh buffers, no ``out``).
     """
     y = targets.unsqueeze(1)
+    if z.dtype != torch.float32 and z.device.type == "cpu" and not compile:
+        # CPU kernels cast a 16-bit input of a mixed-dtype op to an fp32 temporary in every
+        # op (GPU kernels cast in registers): one cast into a reused buffer instead.
+        ws_up = workspace if workspace is not None else Workspace()
+        z = ws_up.take("logits_fp32", z).copy_(z)
+        workspace = ws_up
     if compile:
         head_fn, tail_fn = compiled_stages()
         ws = out = None

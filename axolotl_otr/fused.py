@@ -53,7 +53,7 @@ def default_chunk_size(
     device's byte budget (``chunk_budget.default_budget``) with every buffer a chunk of
     this objective and compute dtype holds counted (``chunk_budget.row_buffers``)."""
     budget = default_budget(device, vocab_size, rows, hidden_size)
-    buffers = row_buffers(vocab_size, objective or Objective(), compute_dtype, hidden_size)
+    buffers = row_buffers(vocab_size, objective or Objective(), compute_dtype, hidden_size, device)
     return chunk_rows(budget, buffers)
 
 

@@ -266,9 +266,15 @@ def test_default_chunk_size_per_device():
     # exact OTR at kappa != 1 holds a fourth: fewer rows
     exact = fused.default_chunk_size(v, 2048, "cpu", d, objective=Objective(estimator="exact"))
     assert exact < fused.CHUNK_BYTES // per_row
-    # a bf16 compute dtype halves z: more rows
+    # bf16 logits on CPU are upcast once (a fourth [n, V] buffer): fewer rows
     bf16 = fused.default_chunk_size(v, 2048, "cpu", d, compute_dtype=torch.bfloat16)
-    assert bf16 > fused.CHUNK_BYTES // per_row
+    assert bf16 < fused.CHUNK_BYTES // per_row
+    # on a GPU bf16 logits are read as they are: more rows than fp32
+    gpu = [
+        fused.default_chunk_size(v, 8192, "cuda", 3584, compute_dtype=t)
+        for t in (torch.float32, torch.bfloat16)
+    ]
+    assert gpu[1] > gpu[0]
     # GPU, hidden path: the fp32 bytes of Liger's chunk (next_power_of_2(ceil(T / ceil(V / H)))
     # rows), at least GPU_MIN_CHUNK_BYTES: 2048 x 896 -> 16 rows -> 9.7 MB -> the 32 MiB floor
     floor = chunk_budget.GPU_MIN_CHUNK_BYTES
@@ -276,7 +282,7 @@ def test_default_chunk_size_per_device():
     # 8192 x 3584 -> 256 Liger rows -> 155 MB
     assert chunk_budget.default_budget("cuda", v, 8192, 3584) == 4 * v * 256
     rows = fused.default_chunk_size(v, 8192, "cuda", 3584, objective=otr)
-    buffers = chunk_budget.row_buffers(v, otr, torch.float32, 3584)
+    buffers = chunk_budget.row_buffers(v, otr, torch.float32, 3584, "cuda")
     assert rows == 4 * v * 256 // sum(b.bytes for b in buffers)
     assert fused.default_chunk_size(32000, 1, "cuda", 4096) >= 1
 
