@@ -271,14 +271,20 @@ class FusedLinearLoss(torch.autograd.Function):
     products are formed in ``WEIGHT_GRAD_BLOCKS`` row blocks and added to the fp32
     accumulator, which backward converts to the weight's dtype in its own storage, so a
     trainable 16-bit lm_head costs one fp32 accumulator (two copies of itself) and no more.
+
+    ``lora_a`` [r, D] and ``lora_b`` [V, r] (the LoRA scaling
+    folded in) add a low-rank term, ``z = h W.T + (h A.T) B.T``: the adapter's gradients
+    come from [n, r] products, and ``W + B A`` is never formed.
     """
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, rows, targets, scale, objective, generator, chunk_size, compile
-    ):
+        ctx, hidden, weight, bias, rows, targets, scale, objective, generator, chunk_size,
+        compile, lora_a=None, lora_b=None,
+    ):  # fmt: skip
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        need_grad = need_h or need_w or need_b
+        need_la, need_lb = ctx.needs_input_grad[10:12]
+        need_grad = need_h or need_w or need_b or need_la or need_lb
         device = hidden.device
         sync_free = _sync_free(device)
         vocab, width = weight.shape
@@ -297,6 +303,11 @@ class FusedLinearLoss(torch.autograd.Function):
         with torch.autocast(device.type, enabled=False):
             w = weight.to(compute_dtype)
             b = bias.to(compute_dtype) if bias is not None else None
+            low_rank = lora_a is not None
+            la = lora_a.to(compute_dtype) if low_rank else None
+            lb = lora_b.to(compute_dtype) if low_rank else None
+            grad_la = torch.zeros(la.shape, dtype=torch.float32, device=device) if need_la else None
+            grad_lb = torch.zeros(lb.shape, dtype=torch.float32, device=device) if need_lb else None
             grad_h = _gradient_buffer(hidden, rows, sync_free) if need_h else None
             grad_w = torch.zeros(w.shape, dtype=torch.float32, device=device) if need_w else None
             grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
@@ -313,6 +324,10 @@ class FusedLinearLoss(torch.autograd.Function):
                     z = torch.mm(h, w.t(), out=buf)
                 else:  # the bias inside the GEMM: one rounding to the compute dtype
                     z = torch.addmm(b, h, w.t(), out=buf)
+                u = None
+                if low_rank:
+                    u = h @ la.t()  # [n, r]
+                    z.addmm_(u, lb.t())
                 res = weighted_nll_chunk(
                     z, targets[part], scale[part], objective, generator, need_grad, None,
                     workspace, check_finite=not sync_free, compile=compile,
@@ -324,13 +339,20 @@ class FusedLinearLoss(torch.autograd.Function):
                     continue
                 # the logit gradient in the compute dtype, in the logits' buffer (z is dead)
                 g = res.grad if fp32 else buf.copy_(res.grad)
+                g_b = g @ lb if low_rank else None  # [n, r]
                 if need_h:
-                    if block is not None and grad_h.dtype == compute_dtype:
-                        torch.mm(g, w, out=grad_h[block])
-                    elif block is not None:
-                        grad_h[block].copy_(g @ w)
-                    else:
-                        grad_h.index_copy_(0, rows[part], (g @ w).to(grad_h.dtype))
+                    direct = block is not None and grad_h.dtype == compute_dtype
+                    g_h = torch.mm(g, w, out=grad_h[block]) if direct else g @ w
+                    if low_rank:
+                        g_h.addmm_(g_b, la)
+                    if block is None:
+                        grad_h.index_copy_(0, rows[part], g_h.to(grad_h.dtype))
+                    elif not direct:
+                        grad_h[block].copy_(g_h)
+                if need_la:
+                    grad_la += g_b.t() @ h
+                if need_lb:
+                    grad_lb += g.t() @ u
                 if need_w:
                     if fp32:
                         grad_w.addmm_(g.t(), h)
@@ -351,7 +373,8 @@ class FusedLinearLoss(torch.autograd.Function):
         if reference is not None:
             loss = loss * reference
         narrow = need_w and weight.dtype != torch.float32
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.save_for_backward(grad_h, grad_w, grad_b, grad_la, grad_lb)
+        ctx.lora_dtypes = (lora_a.dtype, lora_b.dtype) if low_rank else None
         ctx.scaler = _Scaler(sync_free, in_place=narrow)
         ctx.reference = reference
         ctx.weight_dtype = weight.dtype
@@ -362,7 +385,7 @@ class FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         ctx.scaler.start()
-        grad_h, grad_w, grad_b = ctx.saved_tensors
+        grad_h, grad_w, grad_b, grad_la, grad_lb = ctx.saved_tensors
         factor = _factor(grad_loss, ctx.reference)
         grad_h = ctx.scaler(grad_h, factor)
         if grad_w is not None:
@@ -372,7 +395,12 @@ class FusedLinearLoss(torch.autograd.Function):
                 grad_w = _narrow_in_place(grad_w, ctx.weight_dtype, factor)
         if grad_b is not None:
             grad_b = ctx.scaler(grad_b, factor).to(ctx.bias_dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+        if grad_la is not None:
+            grad_la = ctx.scaler(grad_la, factor).to(ctx.lora_dtypes[0])
+        if grad_lb is not None:
+            grad_lb = ctx.scaler(grad_lb, factor).to(ctx.lora_dtypes[1])
+        nothing = (None,) * 7  # rows, targets, scale, objective, generator, chunk_size, compile
+        return grad_h, grad_w, grad_b, *nothing, grad_la, grad_lb
 
 
 def fused_logits_loss(
@@ -406,8 +434,14 @@ def fused_linear_loss(
     generator: torch.Generator | None,
     chunk_size: int | None,
     compile: bool = False,
+    low_rank: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, stats) of the rows ``rows`` of 2-D ``hidden`` through the output layer."""
+    """(loss, stats) of the rows ``rows`` of 2-D ``hidden`` through the output layer.
+
+    ``low_rank``: a LoRA adapter on the output layer as (A [r, D], scaling * B [V, r]).
+    """
+    lora_a, lora_b = low_rank if low_rank is not None else (None, None)
     return FusedLinearLoss.apply(
-        hidden, weight, bias, rows, targets, scale, objective, generator, chunk_size, compile
-    )
+        hidden, weight, bias, rows, targets, scale, objective, generator, chunk_size, compile,
+        lora_a, lora_b,
+    )  # fmt: skip

@@ -17,9 +17,13 @@ import pytest
 import torch
 from reference import per_token_loss, reference_loss, shifted
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import axolotl_otr.chunk_math as chunk_math
 from axolotl_otr import otr_loss, otr_loss_from_hidden
+from axolotl_otr.fused import fused_linear_loss
+from axolotl_otr.loss import select_targets
+from axolotl_otr.objective import Objective
 from axolotl_otr.output_layer import _layer_accessor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,16 +141,36 @@ def test_lora_on_lm_head_matches_the_wrapped_layer():
     def grads(fused: bool):
         gen = torch.Generator().manual_seed(8)
         if fused:
-            weight, bias = accessor()
-            loss = otr_loss_from_hidden(
-                hidden, weight, labels, lm_head_bias=bias, chunk_size=5, generator=gen
-            )
+            targets = select_targets(labels)
+            weight, bias, low_rank = accessor()
+            assert weight is head.base_layer.weight  # no W + B A
+            loss = fused_linear_loss(
+                hidden.reshape(-1, H), weight, bias, targets.rows, targets.tokens, targets.scale,
+                Objective(), gen, 5, low_rank=low_rank,
+            )[0]  # fmt: skip
         else:
             loss = otr_loss(model(hidden), labels, chunk_size=5, generator=gen)
         return (loss, *torch.autograd.grad(loss, [hidden, *params]))
 
     for a, b in zip(grads(True), grads(False), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    shapes = _OutputShapes()
+    with shapes:
+        grads(True)
+    assert (V, H) not in shapes.seen  # low-rank: W + B A is never formed
+
+
+class _OutputShapes(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.seen.add(tuple(t.shape))
+        return out
 
 
 @pytest.mark.parametrize("path", ["logits", "hidden"])
