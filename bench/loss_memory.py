@@ -20,7 +20,10 @@ fine-tune), it compares three losses:
   2048 x 896 it is cross-checked on CPU with the allocator's events.
 
 Every figure is bytes above the inputs (hidden states, weight, labels), forward and
-backward, the returned gradients included. ``--json`` writes them all.
+backward, the returned gradients included. ``--json`` writes them all. The last line is
+``otr_vs_sft_chunked=... otr_vs_sft_full=... trainable_head_copies=...`` for the first
+shape (2048 positions, hidden 896). ``--device cuda`` measures every chunk on the GPU
+(``torch.cuda.max_memory_allocated``), full-logit SFT included.
 
     python bench/loss_memory.py --json bench/results/loss_memory.json
     python bench/loss_memory.py --quick      # small shapes, a smoke test
@@ -91,25 +94,29 @@ def chunk_size_used(tokens: int, hidden: int, vocab: int, objective: Objective) 
         return fused.default_chunk_size(vocab, tokens, "cpu", hidden)
 
 
-def measure_chunked(tokens, hidden, vocab, objective, trainable, chunks) -> int:
-    """Peak bytes above the inputs of forward + backward, targets in ``chunks`` chunks."""
+def measure_chunked(tokens, hidden, vocab, objective, trainable, chunks, device) -> int:
+    """Peak bytes above the inputs of forward + backward, targets in ``chunks`` chunks
+    (0: all)."""
     gen = torch.Generator().manual_seed(0)
-    h = (torch.randn(1, tokens + 1, hidden, generator=gen) / 4).to(DTYPE).requires_grad_()
-    w = (torch.randn(vocab, hidden, generator=gen) / hidden**0.5).to(DTYPE)
+    h = (torch.randn(1, tokens + 1, hidden, generator=gen) / 4).to(device, DTYPE)
+    w = (torch.randn(vocab, hidden, generator=gen) / hidden**0.5).to(device, DTYPE)
+    h.requires_grad_()
     w.requires_grad_(trainable)
     labels = torch.randint(0, vocab, (1, tokens + 1), generator=gen)
-    rows = chunk_size_used(tokens, hidden, vocab, objective)
-    labels[0, chunks * rows + 1 :] = -100
+    if chunks:
+        rows = chunk_size_used(tokens, hidden, vocab, objective)
+        labels[0, chunks * rows + 1 :] = -100
+    labels = labels.to(device)
     kinds = dict(objective=objective.kind, num_samples=objective.num_samples)
 
     def run():
         loss = otr_loss_from_hidden(
             h, w, labels, num_items_in_batch=tokens, chunk_size=None,
-            generator=torch.Generator().manual_seed(0), **kinds,
+            generator=torch.Generator(device=device).manual_seed(0), **kinds,
         )  # fmt: skip
         return torch.autograd.grad(loss, [h, w] if trainable else [h])
 
-    _, peak = peak_bytes(run)
+    _, peak = peak_bytes(run, device)
     return peak
 
 
@@ -127,8 +134,8 @@ def sft_full_peak(tokens: int, hidden: int, vocab: int, trainable: bool, device:
         loss = F.cross_entropy(logits.float(), y, reduction="sum") / tokens
         return torch.autograd.grad(loss, [h, w] if trainable else [h])
 
-    if device == "cpu":
-        return peak_bytes(run)[1]
+    if device != "meta":
+        return peak_bytes(run, device)[1]
     tracker = MemTracker()
     with tracker:
         run()
@@ -137,31 +144,45 @@ def sft_full_peak(tokens: int, hidden: int, vocab: int, trainable: bool, device:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--chunks", type=int, default=2, help="chunks that carry targets")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--chunks", type=int, default=None, help="chunks that carry targets")
     parser.add_argument("--json", default=None)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    if args.chunks is None:
+        args.chunks = 0 if cuda else 2  # a GPU runs every chunk; 0: all
     vocab, shapes, tokens_list = VOCAB, HIDDEN, TOKENS
     if args.quick:
         vocab, shapes, tokens_list = 8000, {"quick": 64}, (256,)
     weight_mib = {name: vocab * d * 2 / 2**20 for name, d in shapes.items()}
     rows = []
-    print(f"torch {torch.__version__}; bytes above the inputs, MiB; bf16 weight and hidden")
+    print(
+        f"torch {torch.__version__}, {args.device}; bytes above the inputs, MiB; "
+        f"bf16 weight and hidden; targets in {args.chunks or 'all'} chunks"
+    )
     for name, d in shapes.items():
         for tokens in tokens_list:
             for trainable in (False, True):
                 head = "trainable" if trainable else "frozen"
                 row = {"shape": name, "hidden": d, "vocab": vocab, "tokens": tokens, "head": head}
                 for key, objective in OBJECTIVES.items():
-                    measured = measure_chunked(tokens, d, vocab, objective, trainable, args.chunks)
+                    measured = measure_chunked(
+                        tokens, d, vocab, objective, trainable, args.chunks, args.device
+                    )
                     row[key] = {
                         "measured_bytes": measured,
                         "analytic_cpu": ledger(tokens, d, vocab, objective, trainable, "cpu"),
+                        "measured_on": args.device,
                         "analytic_gpu": ledger(tokens, d, vocab, objective, trainable, "cuda"),
                     }
-                full = sft_full_peak(tokens, d, vocab, trainable, "meta")
-                row["sft_full"] = {"measured_bytes": full, "how": "MemTracker on meta"}
-                if tokens == tokens_list[0] and name == next(iter(shapes)):
+                if cuda:
+                    full = sft_full_peak(tokens, d, vocab, trainable, "cuda")
+                    row["sft_full"] = {"measured_bytes": full, "how": "CUDA max allocated"}
+                else:
+                    full = sft_full_peak(tokens, d, vocab, trainable, "meta")
+                    row["sft_full"] = {"measured_bytes": full, "how": "MemTracker on meta"}
+                if not cuda and tokens == tokens_list[0] and name == next(iter(shapes)):
                     cpu = sft_full_peak(tokens, d, vocab, trainable, "cpu")
                     row["sft_full"]["cpu_allocator_bytes"] = cpu
                 otr, sft = (
@@ -170,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 row["otr_vs_sft_chunked"] = otr / sft
                 row["otr_vs_sft_full"] = otr / full
-                analytic = row["otr_sampled"]["analytic_cpu"]
+                analytic = row["otr_sampled"]["analytic_gpu" if cuda else "analytic_cpu"]
                 shown = f"{analytic['total_bytes'] / 2**20:8.1f}" if analytic else "     n/a"
                 print(
                     f"{name:13s} T={tokens:5d} {head:9s} otr {otr / 2**20:8.1f} (ledger {shown})"
@@ -188,9 +209,18 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             extra = (trainable - frozen) / (weight_mib[name] * 2**20)
             print(f"{name} T={tokens}: a trainable lm_head adds {extra:.2f} copies of itself")
+    first = rows[0]
+    copies = (rows[1]["otr_sampled"]["measured_bytes"] - first["otr_sampled"]["measured_bytes"]) / (
+        weight_mib[first["shape"]] * 2**20
+    )
+    print(
+        f"otr_vs_sft_chunked={first['otr_vs_sft_chunked']:.3f} "
+        f"otr_vs_sft_full={first['otr_vs_sft_full']:.3f} trainable_head_copies={copies:.3f}"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "dtype": "bfloat16", "rows": rows}, f, indent=1)
+            meta = {"torch": torch.__version__, "device": args.device, "dtype": "bfloat16"}
+            json.dump({**meta, "chunks_with_targets": args.chunks, "rows": rows}, f, indent=1)
     return 0
 
 

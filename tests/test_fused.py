@@ -207,6 +207,7 @@ def test_sampler_draws_in_proportion_to_unnormalized_weights():
     [
         ("loss_speed.py", ("otr_sampled_vs_ce", "otr_exact_vs_ce")),
         ("step_time.py", ("step_time_ratio", "peak_mem_ratio")),
+        ("loss_memory.py", ("otr_vs_sft_chunked", "otr_vs_sft_full", "trainable_head_copies")),
     ],
 )
 def test_bench_quick_smoke(script, keys):
