@@ -35,8 +35,9 @@ GPU_MIN_CHUNK_BYTES = 32 * MIB
 # Logits path on a GPU (no hidden size): the budget of ceil(positions / 16) rows.
 GPU_LOGITS_CHUNKS = 16
 # A trainable lm_head's per-chunk weight-gradient product is formed in this many row
-# blocks of [V, D] (a [V / 16, D] workspace instead of a whole second weight).
-WEIGHT_GRAD_BLOCKS = 16
+# blocks of [V, D] (a [V / 32, D] workspace instead of a whole second weight; on CPU the
+# fp32 accumulator's add makes an fp32 temporary of the block too: 3/32 of a copy).
+WEIGHT_GRAD_BLOCKS = 32
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ def call_buffers(
     hidden_dtype: torch.dtype,
     weight_dtype: torch.dtype,
     weight_trainable: bool,
+    device: torch.device | str = "cpu",
 ) -> list[Buffer]:
     """The hidden-state path's buffers that live for the whole call (not per chunk)."""
     v, d, c = vocab_size, hidden_size, _size(compute_dtype)
@@ -104,8 +106,10 @@ def call_buffers(
     if weight_trainable:
         out.append(Buffer("lm_head weight-gradient accumulator [V, D] fp32", 4 * v * d))
         if compute_dtype != torch.float32:
-            block = math.ceil(v / WEIGHT_GRAD_BLOCKS)
-            out.append(Buffer("weight-gradient product, one row block [V/16, D]", block * d * c))
+            block = math.ceil(v / WEIGHT_GRAD_BLOCKS) * d
+            out.append(Buffer("weight-gradient product, one row block [V/32, D]", block * c))
+            if torch.device(device).type == "cpu":
+                out.append(Buffer("its fp32 upcast in the accumulator's add (CPU only)", block * 4))
     return out
 
 

@@ -71,7 +71,7 @@ def ledger(tokens: int, hidden: int, vocab: int, objective: Objective, trainable
     items = [(f"{b.name} x {rows} rows", b.bytes * rows) for b in per_row]
     items += [
         (b.name, b.bytes)
-        for b in call_buffers(vocab, hidden, tokens, DTYPE, DTYPE, DTYPE, trainable)
+        for b in call_buffers(vocab, hidden, tokens, DTYPE, DTYPE, DTYPE, trainable, device)
     ]
     budget = default_budget(device, vocab, tokens, hidden)
     return {

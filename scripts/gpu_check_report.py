@@ -77,20 +77,21 @@ def step_table(data: dict) -> list[str]:
 
 def memory_table(data: dict) -> list[str]:
     lines = [
-        f"The loss's peak memory above its inputs, fwd+bwd, {data['dtype']}, vocab 151936 "
+        f"The loss's peak memory above its inputs, fwd+bwd, {data['dtype']} "
         f"(`bench/loss_memory.py`), {data['device']}, torch {data['torch']}: OTR-sampled "
         "against chunked SFT and full-logit SFT (targets <= 1.05x and <= 1.0x), and the "
         "analytic ledger on this device's chunk budget:",
         "",
-        "| shape | tokens | lm_head | OTR MiB | ledger MiB | x chunked SFT | x full-logit SFT |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| shape | vocab | tokens | lm_head | OTR MiB | ledger MiB | x chunked SFT "
+        "| x full-logit SFT |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in data["rows"]:
         otr = row["otr_sampled"]
         ledger = otr.get("analytic_gpu") if data["device"] == "cuda" else otr.get("analytic_cpu")
         shown = f"{ledger['total_bytes'] / 2**20:.1f}" if ledger else "n/a"
         lines.append(
-            f"| {row['shape']} | {row['tokens']} | {row['head']} | "
+            f"| {row['shape']} | {row['vocab']} | {row['tokens']} | {row['head']} | "
             f"{otr['measured_bytes'] / 2**20:.1f} | {shown} | "
             f"{_mark(row['otr_vs_sft_chunked'], 1.05)} | {_mark(row['otr_vs_sft_full'], 1.0)} |"
         )

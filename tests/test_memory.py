@@ -69,8 +69,9 @@ def trainable_head_cost(device: str = "cpu") -> tuple[float, torch.dtype]:
 
 def test_a_trainable_bf16_lm_head_costs_at_most_2_2_copies_of_itself():
     """Trainable minus frozen peak, in bf16 weight sizes: one fp32 accumulator is 2, its
-    row-block product 1/16, and backward converts it in its own storage (no third copy;
-    before: an fp32 accumulator, a [V, D] bf16 workspace and a cast, 2.87 here)."""
+    row-block product 1/32 (on CPU 3/32 with its fp32 upcast), and backward converts it
+    in its own storage (no third copy; before: an fp32 accumulator, a [V, D] bf16
+    workspace and a cast, 2.87 here)."""
     copies, dtype = trainable_head_cost()
     assert dtype == torch.bfloat16
     assert copies <= 2.2, copies
