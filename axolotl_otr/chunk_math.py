@@ -282,8 +282,8 @@ def compiled_stages() -> tuple[Callable, Callable]:
     """``chunk_head`` and ``chunk_tail`` under ``torch.compile(fullgraph=True)``.
 
     Compiled once per process; dynamic shapes, so the short last chunk of a call does
-    not recompile. Sampling stays outside: ``torch.multinomial`` with a ``Generator``
-    does not trace, and the draws must come from the caller's seeded generator.
+    not recompile. Sampling stays outside: the draws must come from the caller's seeded
+    ``Generator`` (``sample_tokens``), which a traced graph would not consume alike.
     """
     if not _COMPILED:
         _COMPILED["head"] = torch.compile(chunk_head, fullgraph=True, dynamic=True)
