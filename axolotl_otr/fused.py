@@ -283,7 +283,9 @@ class FusedLinearLoss(torch.autograd.Function):
         compile, lora_a=None, lora_b=None,
     ):  # fmt: skip
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        need_la, need_lb = ctx.needs_input_grad[10:12]
+        # ``apply`` without the two optional LoRA inputs gives 10 flags, not 12
+        need_la, need_lb = (*ctx.needs_input_grad[10:12], False, False)[:2]
+        ctx.inputs = len(ctx.needs_input_grad)
         need_grad = need_h or need_w or need_b or need_la or need_lb
         device = hidden.device
         sync_free = _sync_free(device)
@@ -400,7 +402,7 @@ class FusedLinearLoss(torch.autograd.Function):
         if grad_lb is not None:
             grad_lb = ctx.scaler(grad_lb, factor).to(ctx.lora_dtypes[1])
         nothing = (None,) * 7  # rows, targets, scale, objective, generator, chunk_size, compile
-        return grad_h, grad_w, grad_b, *nothing, grad_la, grad_lb
+        return (grad_h, grad_w, grad_b, *nothing, grad_la, grad_lb)[: ctx.inputs]
 
 
 def fused_logits_loss(
