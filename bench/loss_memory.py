@@ -16,8 +16,8 @@ fine-tune), it compares three losses:
 - ``sft_full``: cross-entropy on the full logits as Hugging Face models compute it
   (``F.linear`` in bf16, then ``cross_entropy`` on the fp32 upcast), measured by a
   dispatch-mode tally of live tensor bytes (``torch.distributed._tools.mem_tracker``) on
-  the meta device (its [T, V] buffers do not fit a shared CPU at 8192 positions); at
-  2048 x 896 it is cross-checked on CPU with the allocator's events.
+  the meta device (its [T, V] buffers do not fit a shared CPU at 8192 positions); for the
+  first shape (frozen lm_head) it is cross-checked on CPU with the allocator's events.
 
 Every figure is bytes above the inputs (hidden states, weight, labels), forward and
 backward, the returned gradients included. ``--json`` writes them all. The last line is
@@ -146,13 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--chunks", type=int, default=None, help="chunks that carry targets")
+    parser.add_argument("--shapes", nargs="+", choices=list(HIDDEN), default=list(HIDDEN))
+    parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
     parser.add_argument("--json", default=None)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     if args.chunks is None:
         args.chunks = 0 if cuda else 2  # a GPU runs every chunk; 0: all
-    vocab, shapes, tokens_list = VOCAB, HIDDEN, TOKENS
+    vocab, tokens_list = VOCAB, tuple(args.tokens)
+    shapes = {name: HIDDEN[name] for name in args.shapes}
     if args.quick:
         vocab, shapes, tokens_list = 8000, {"quick": 64}, (256,)
     weight_mib = {name: vocab * d * 2 / 2**20 for name, d in shapes.items()}
@@ -182,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     full = sft_full_peak(tokens, d, vocab, trainable, "meta")
                     row["sft_full"] = {"measured_bytes": full, "how": "MemTracker on meta"}
-                if not cuda and tokens == tokens_list[0] and name == next(iter(shapes)):
+                first = tokens == tokens_list[0] and name == next(iter(shapes))
+                if not cuda and first and not trainable:
                     cpu = sft_full_peak(tokens, d, vocab, trainable, "cpu")
                     row["sft_full"]["cpu_allocator_bytes"] = cpu
                 otr, sft = (

@@ -329,11 +329,11 @@ def report(shape: Shape, args, dtype: torch.dtype, variants: list[str], head: st
     if args.device == "cuda":
         peaks = {v: res[f"{v}_peak_bytes"] for v in variants}
         how = "CUDA max allocated"
-    elif args.quick:
+    elif args.quick or not args.memory_steps:
         # A fresh process per variant costs seconds of imports and the tiny model's
         # memory is all interpreter: a smoke test does not measure it.
         peaks = {v: float("nan") for v in variants}
-        how = "not measured with --quick"
+        how = "not measured (--quick or --memory-steps 0)"
     else:
         peaks = {v: child_peak_rss(shape, v, head, args.dtype, args.memory_steps) for v in variants}
         how = "peak RSS, one process per variant"
@@ -366,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs per variant")
-    parser.add_argument("--memory-steps", type=int, default=2, help="steps per memory child")
+    parser.add_argument(
+        "--memory-steps", type=int, default=2, help="steps per memory child (CPU; 0: none)"
+    )
     parser.add_argument("--variants", nargs="+", choices=ALL_VARIANTS, default=None)
     parser.add_argument("--heads", nargs="+", choices=HEADS, default=None)
     parser.add_argument("--compile", action="store_true", help="add the compiled OTR variants")
