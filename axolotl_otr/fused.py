@@ -177,20 +177,20 @@ def _narrow_in_place(acc: torch.Tensor, dtype: torch.dtype, factor: torch.Tensor
 
     Element i moves from byte 4i to byte 2i. Converting the elements in blocks [a, 2a)
     (after element 0) never overwrites one not read yet, and no block overlaps its
-    source, so each is one ordinary ``mul`` with ``out``. About log2(numel) launches.
-    The result keeps the accumulator's storage alive (twice its own bytes) as long as it
-    lives, e.g. as the parameter's ``.grad`` until ``zero_grad``.
+    source, so each is one ``copy_`` (a dtype-converting copy allocates nothing; a
+    ``mul`` with a 16-bit ``out`` makes an fp32 temporary on CPU). About log2(numel)
+    launches. The result keeps the accumulator's storage alive (twice its own bytes) as
+    long as it lives, e.g. as the parameter's ``.grad`` until ``zero_grad``.
     """
-    flat = acc.view(-1)
+    flat = acc.view(-1).mul_(factor)
     count = flat.numel()
     out = flat.view(dtype)[:count]
     if count:
-        first = flat[:1] * factor  # element 0's source and destination overlap
-        out[:1].copy_(first)
+        out[:1].copy_(flat[:1].clone())  # element 0's source and destination overlap
     start = 1
     while start < count:
         stop = min(2 * start, count)
-        torch.mul(flat[start:stop], factor, out=out[start:stop])
+        out[start:stop].copy_(flat[start:stop])
         start = stop
     return out.view(acc.shape)
 
