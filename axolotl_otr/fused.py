@@ -272,9 +272,9 @@ class FusedLinearLoss(torch.autograd.Function):
     accumulator, which backward converts to the weight's dtype in its own storage, so a
     trainable 16-bit lm_head costs one fp32 accumulator (two copies of itself) and no more.
 
-    ``lora_a`` [r, D] and ``lora_b`` [V, r] (the LoRA scaling
-    folded in) add a low-rank term, ``z = h W.T + (h A.T) B.T``: the adapter's gradients
-    come from [n, r] products, and ``W + B A`` is never formed.
+    ``lora_a`` [r, D] and ``lora_b`` [V, r] (the LoRA scaling folded in) add a low-rank
+    term, ``z = h W.T + (h A.T) B.T``: the adapter's gradients come from [n, r]
+    products, and ``W + B A`` is never formed.
     """
 
     @staticmethod
