@@ -94,16 +94,42 @@ def rowdot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Ten
 
 
 def sample_tokens(
-    probs: torch.Tensor, num_samples: int, generator: torch.Generator | None
+    weights: torch.Tensor,
+    num_samples: int,
+    generator: torch.Generator | None,
+    *,
+    cdf: torch.Tensor | None = None,
+    uniforms: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    sanitize: bool = False,
 ) -> torch.Tensor:
-    """[n, K] token ids drawn with replacement from each row of ``probs`` [n, V].
+    """[n, K] token ids drawn with replacement, P(a) proportional to ``weights[:, a]``.
 
-    ``probs`` are non-negative weights; rows need not sum to 1. ``torch.multinomial``
-    (one CDF per row, then a binary search per draw: O(V + K log V), no [n, K, V]) was
-    as fast as an inverse-CDF ``cumsum`` + ``searchsorted`` at full size on CPU, and
-    unlike ``searchsorted`` it does not spawn threads for tiny inputs.
+    Inverse CDF: the row's cumulative sums, K uniforms from ``generator`` scaled by the
+    row's total, and a binary search (``searchsorted``) per draw; O(V + K log V), nothing
+    of shape [n, K, V]. ``torch.multinomial`` did the same but allocated its own copies of
+    the [n, V] weights, and for K = 1 took a path that reads the device on the host. Every
+    buffer can be given: ``cdf`` (may be ``weights`` itself, which is then overwritten),
+    ``uniforms`` [n, K] fp32 and ``out`` [n, K] int64. Rows need not sum to 1; a token of
+    weight 0 is never drawn. Resolution: fp32 cumulative sums and 24-bit uniforms, as
+    ``torch.multinomial`` on CUDA. ``sanitize``: NaN/Inf rows (which the caller reports
+    later) get harmless draws instead of an undefined search.
     """
-    return torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+    n = weights.shape[0]
+    if cdf is weights:
+        cdf = weights.cumsum_(1)
+    else:
+        cdf = torch.cumsum(weights, 1, out=cdf)
+    if sanitize:
+        cdf.nan_to_num_(nan=1.0, posinf=1.0)
+    total = cdf[:, -1:]
+    if uniforms is None:
+        uniforms = torch.empty(n, num_samples, dtype=cdf.dtype, device=cdf.device)
+    uniforms.uniform_(generator=generator).mul_(total)
+    # u < 1, but u * total can round up to total; the largest float below it keeps every
+    # draw inside the row (on the last token of positive weight).
+    torch.minimum(uniforms, torch.nextafter(total, torch.zeros_like(total)), out=uniforms)
+    return torch.searchsorted(cdf, uniforms, right=True, out=out)
 
 
 class Head(NamedTuple):
@@ -142,10 +168,13 @@ def chunk_head(
 ) -> Head:
     """Softmax, log pi(y), entropy and the rollout weights of one chunk (no sampling).
 
-    ``y`` is [n, 1]. No host sync: whether the logits are finite is returned as a
-    device flag, so a caller on a GPU can check it once per loss call.
+    ``y`` is [n, 1]; ``z`` may be in a 16-bit compute dtype (every pass reads it into fp32
+    math). No host sync: whether the logits are finite is returned as a device flag, so a
+    caller on a GPU can check it once per loss call. Buffers (``chunk_budget.row_buffers``
+    counts them): ``pi`` (or ``out``), and ``aux``, which holds the entropy's product, then
+    the rollout policy (later the sampler's CDF).
     """
-    row_max = z.amax(-1, keepdim=True)
+    row_max = z.amax(-1, keepdim=True).float()
     finite = torch.isfinite(row_max).all()
     target_is_max = (z.gather(1, y) >= row_max).view(-1)
     # exp(z - max), left unnormalized: 1 / sum is folded into the per-row factors below,
@@ -155,8 +184,8 @@ def chunk_head(
     pi = torch.sub(z, row_max, out=out if out is not None else _buffer(ws, "pi", z)).exp_()
     inv_sum = pi.sum(-1, keepdim=True).reciprocal_()
     lse = row_max - inv_sum.log()
-    logp_y = z.gather(1, y).sub_(lse).view(-1)
-    entropy = lse.view(-1) - rowdot(pi, z, _buffer(ws, "product", z)) * inv_sum.view(-1)
+    logp_y = z.gather(1, y).float().sub_(lse).view(-1)
+    entropy = lse.view(-1) - rowdot(pi, z, _buffer(ws, "aux", z)) * inv_sum.view(-1)
     rollout = inv_rollout_sum = None
     if objective.kind == "otr":
         kappa = objective.temperature
@@ -165,7 +194,7 @@ def chunk_head(
         else:
             # exp((z - max) / kappa) in one pass: -max / kappa + z / kappa.
             shift = row_max * (-1.0 / kappa)
-            rollout = torch.add(shift, z, alpha=1.0 / kappa, out=_buffer(ws, "rollout", z))
+            rollout = torch.add(shift, z, alpha=1.0 / kappa, out=_buffer(ws, "aux", z))
             rollout = rollout.exp_()
     return Head(pi, inv_sum, lse, logp_y, entropy, rollout, inv_rollout_sum, finite, target_is_max)
 
@@ -212,18 +241,18 @@ def chunk_tail(
             hit = rollout.gather(1, y).mul_(inv_rollout_sum).view(-1)
             target_weight = lam + target_share * hit
             total_weight = beta + target_weight
-            # E_{pi'}[log pi]
-            product = _buffer(ws, "product", z)
+            # E_{pi'}[log pi]; ``aux`` is free when the rollout policy is pi (kappa = 1)
+            product = _buffer(ws, "product" if rollout is not pi else "aux", z)
             mean_logp = rowdot(rollout, z, product) * inv_rollout_sum.view(-1) - lse.view(-1)
             loss_t = -(beta * mean_logp + target_weight * logp_y)
             dense_beta = rollout
             dense_factor = inv_rollout_sum.view(-1)
         else:
             k = objective.num_samples
-            hit = (draws == y).sum(1).to(z.dtype) / k
+            hit = (draws == y).sum(1).float() / k
             target_weight = lam + target_share * hit
             total_weight = beta + target_weight
-            mean_logp = z.gather(1, draws).mean(1) - lse.view(-1)  # mean_k log pi(a_k)
+            mean_logp = z.gather(1, draws).float().mean(1) - lse.view(-1)  # mean_k log pi(a_k)
             loss_t = -(beta * mean_logp + target_weight * logp_y)
 
     stats = torch.stack(
@@ -259,8 +288,8 @@ def compiled_stages() -> tuple[Callable, Callable]:
     """``chunk_head`` and ``chunk_tail`` under ``torch.compile(fullgraph=True)``.
 
     Compiled once per process; dynamic shapes, so the short last chunk of a call does
-    not recompile. Sampling stays outside: ``torch.multinomial`` with a ``Generator``
-    does not trace, and the draws must come from the caller's seeded generator.
+    not recompile. Sampling stays outside: the draws must come from the caller's seeded
+    ``Generator`` (``sample_tokens``), which a traced graph would not consume alike.
     """
     if not _COMPILED:
         _COMPILED["head"] = torch.compile(chunk_head, fullgraph=True, dynamic=True)
@@ -283,7 +312,7 @@ def weighted_nll_chunk(
     """Loss sum, logit gradient and statistics of one chunk.
 
     Args:
-        z: [n, V] fp32 logits (not modified).
+        z: [n, V] logits (not modified), fp32 or the 16-bit compute dtype; the math is fp32.
         targets: [n] int64 target token ids (all valid).
         scale: [n] fp32 normalization weight of each position (e.g. 1 / tokens).
         objective: which weights to use.
@@ -299,6 +328,12 @@ def weighted_nll_chunk(
         compile: run the math through ``compiled_stages`` (fresh buffers, no ``out``).
     """
     y = targets.unsqueeze(1)
+    if z.dtype != torch.float32 and z.device.type == "cpu" and not compile:
+        # CPU kernels cast a 16-bit input of a mixed-dtype op to an fp32 temporary in every
+        # op (GPU kernels cast in registers): one cast into a reused buffer instead.
+        ws_up = workspace if workspace is not None else Workspace()
+        z = ws_up.take("logits_fp32", z).copy_(z)
+        workspace = ws_up
     if compile:
         head_fn, tail_fn = compiled_stages()
         ws = out = None
@@ -310,12 +345,22 @@ def weighted_nll_chunk(
         raise nonfinite_error()
     draws = None
     if objective.kind == "otr" and objective.estimator == "sampled":
-        weights = head.rollout
-        if not check_finite:
-            # NaN/Inf weights would make the sampler fail (a device-side assert on CUDA)
-            # before the caller's single check could report them.
-            weights = torch.nan_to_num(weights, nan=1.0, posinf=1.0)
-        # The sampler normalizes by the CDF: unnormalized weights are enough.
-        draws = sample_tokens(weights, objective.num_samples, generator)
+        n, k = z.shape[0], objective.num_samples
+        # The CDF overwrites the rollout policy (the gradient does not need it), except at
+        # kappa = 1, where the rollout policy is pi: then it goes to the free ``aux``.
+        if ws is None:
+            cdf = None
+        elif head.rollout is head.pi:
+            cdf = ws.take("aux", z)
+        else:
+            cdf = head.rollout
+        uniforms = ws.take_shape("uniforms", n, k, z.device) if ws is not None else None
+        ids = ws.take_shape("draws", n, k, z.device, torch.int64) if ws is not None else None
+        # NaN/Inf weights would make the search undefined before the caller's single check
+        # could report them (check_finite False).
+        draws = sample_tokens(
+            head.rollout, k, generator, cdf=cdf, uniforms=uniforms, out=ids,
+            sanitize=not check_finite,
+        )  # fmt: skip
     loss, grad, stats = tail_fn(z, y, scale, objective, head, draws, need_grad, ws)
     return ChunkResult(loss=loss, grad=grad, stats=stats, finite=head.finite)

@@ -25,22 +25,19 @@ import math
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 
+from .chunk_budget import (
+    CPU_CHUNK_BYTES,
+    WEIGHT_GRAD_BLOCKS,
+    chunk_rows,
+    default_budget,
+    row_buffers,
+)
 from .chunk_math import STAT_NAMES, Workspace, nonfinite_error, weighted_nll_chunk
 from .objective import Objective
 
-# fp32 bytes of logits one chunk may hold on CPU. There every torch op is one parallel
-# region, and on a shared (oversubscribed) CPU each region can wait milliseconds for its
-# threads, so few big ops beat cache-sized ones: measured with bench/loss_speed.py on 2
-# busy cores, 2048 x 32000 OTR went from 1.3x to 1.0x cross-entropy between 32 and 128
-# MiB. The chunk's three fp32 work buffers of this size are still small next to the full
-# logits (or, for the hidden-state path, next to the logits it never builds).
-CHUNK_BYTES = 64 * 1024 * 1024
-
-# Chunks per call of the logits path on a GPU: one chunk's fp32 work buffers (about four
-# [n, V] tensors) then take half the memory of the bf16 logits the model already holds.
-GPU_LOGITS_CHUNKS = 16
+# The CPU budget of one chunk's buffers (all of them, see ``chunk_budget``).
+CHUNK_BYTES = CPU_CHUNK_BYTES
 
 
 def default_chunk_size(
@@ -48,21 +45,29 @@ def default_chunk_size(
     rows: int = 0,
     device: torch.device | str = "cpu",
     hidden_size: int | None = None,
+    *,
+    objective: Objective | None = None,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> int:
-    """Positions per chunk when ``otr_chunk_size`` is not set.
+    """Positions per chunk when ``otr_chunk_size`` is not set: as many as fit the
+    device's byte budget (``chunk_budget.default_budget``) with every buffer a chunk of
+    this objective and compute dtype holds counted (``chunk_budget.row_buffers``)."""
+    budget = default_budget(device, vocab_size, rows, hidden_size)
+    buffers = row_buffers(vocab_size, objective or Objective(), compute_dtype, hidden_size, device)
+    return chunk_rows(budget, buffers)
 
-    CPU: ``CHUNK_BYTES`` of fp32 logits (measured best). GPU, hidden-state path: the
-    ratio Liger-Kernel's fused linear cross-entropy uses, ``ceil(V / H)`` chunks of
-    ``next_power_of_2(ceil(rows / ceil(V / H)))`` rows, so a chunk's logits are about
-    the size of the batch's hidden states and the loss adds almost nothing to the peak
-    memory, which on a GPU is what limits the batch (untuned: no GPU run yet). GPU,
-    logits path: ``GPU_LOGITS_CHUNKS`` chunks.
-    """
-    if torch.device(device).type == "cpu":
-        return max(1, CHUNK_BYTES // (4 * vocab_size))
-    chunks = math.ceil(vocab_size / hidden_size) if hidden_size else GPU_LOGITS_CHUNKS
-    per_chunk = math.ceil(max(rows, 1) / chunks)
-    return 1 << (per_chunk - 1).bit_length()  # next power of two
+
+def compute_dtype_of(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype of the chunk GEMMs: the autocast dtype where autocast is on, else the
+    activations' precision, i.e. the narrower of the hidden states' and the weight's
+    dtypes (an fp32 lm_head next to bf16 activations runs in bf16, as the model's other
+    layers do; bf16 weights next to hidden states upcast to fp32 run in bf16)."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    if hidden.dtype == torch.float32:
+        return weight.dtype if weight.dtype.is_floating_point else hidden.dtype
+    return hidden.dtype
 
 
 def _sync_free(device: torch.device) -> bool:
@@ -117,35 +122,77 @@ class _Scaler:
     """Scales the saved gradients by the incoming gradient in backward.
 
     On CPU (where reading ``grad_loss`` is free) the saved tensor itself is returned
-    when ``grad_loss`` is 1, so autograd can hand it over as the leaf's ``.grad``
-    instead of allocating a scaled copy at the moment memory peaks. Sync-free (GPU) the
-    saved tensors are scaled in place by ``grad_loss``, with no copy and no host read;
-    their unscaled values are then gone, so a second backward through a retained graph
-    raises instead of returning a wrong gradient.
+    when the factor is 1, so autograd can hand it over as the leaf's ``.grad`` instead of
+    allocating a scaled copy at the moment memory peaks. Sync-free (GPU), or where a
+    saved gradient is converted in its own storage (``in_place``), the saved tensors are
+    scaled in place, with no copy and no host read; their unscaled values are then gone,
+    so a second backward through a retained graph raises instead of returning a wrong
+    gradient.
     """
 
-    def __init__(self, sync_free: bool) -> None:
+    def __init__(self, sync_free: bool, in_place: bool = False) -> None:
         self.sync_free = sync_free
+        self.in_place = sync_free or in_place
         self.calls = 0
 
     def start(self) -> None:
         """Called once per backward, before scaling."""
         self.calls += 1
-        if self.sync_free and self.calls > 1:
+        if self.in_place and self.calls > 1:
             raise RuntimeError(
                 "OTR loss: a second backward through the same loss (retain_graph=True) is "
-                "not supported off CPU: the first one scaled the saved gradient in place "
-                "to avoid a host sync. Compute the loss again for another backward."
+                "not supported off CPU or with a 16-bit trainable lm_head: the first one "
+                "scaled the saved gradient in place to avoid a host sync or a second copy "
+                "of the weight. Compute the loss again for another backward."
             )
 
-    def __call__(self, grad: torch.Tensor | None, grad_loss: torch.Tensor) -> torch.Tensor | None:
+    def __call__(self, grad: torch.Tensor | None, factor: torch.Tensor) -> torch.Tensor | None:
+        """``grad * factor`` (``factor``: fp32 0-dim, applied in fp32 math)."""
         if grad is None:
             return None
-        if self.sync_free:
-            return grad.mul_(grad_loss.to(grad.dtype))
-        if bool((grad_loss == 1).all()):
+        if self.in_place:
+            return grad.mul_(factor)
+        if bool((factor == 1).all()):
             return grad
-        return grad * grad_loss.to(grad.dtype)
+        return grad * factor
+
+
+def _range_reference(scale: torch.Tensor, low_range: bool) -> torch.Tensor | None:
+    """The largest per-position weight, when gradients are stored in fp16.
+
+    With ``num_items_in_batch`` positions, a logit gradient entry is about pi / num_items:
+    in fp16 that is subnormal or zero before GradScaler's factor arrives in backward. The
+    chunks then use ``scale / reference`` (entries of the size of pi) and backward
+    multiplies by ``grad_output * reference`` in fp32 math, so the stored fp16 gradients
+    keep their precision and the result is what fp16 autograd gives with the loss scale.
+    """
+    if not low_range or not scale.numel():
+        return None
+    return scale.amax()
+
+
+def _narrow_in_place(acc: torch.Tensor, dtype: torch.dtype, factor: torch.Tensor) -> torch.Tensor:
+    """``(acc * factor).to(dtype)`` written into ``acc``'s own storage (``acc``: contiguous
+    fp32, destroyed): a 16-bit weight gradient without a second [V, D] tensor.
+
+    Element i moves from byte 4i to byte 2i. Converting the elements in blocks [a, 2a)
+    (after element 0) never overwrites one not read yet, and no block overlaps its
+    source, so each is one ``copy_`` (a dtype-converting copy allocates nothing; a
+    ``mul`` with a 16-bit ``out`` makes an fp32 temporary on CPU). About log2(numel)
+    launches. The result keeps the accumulator's storage alive (twice its own bytes) as
+    long as it lives, e.g. as the parameter's ``.grad`` until ``zero_grad``.
+    """
+    flat = acc.view(-1).mul_(factor)
+    count = flat.numel()
+    out = flat.view(dtype)[:count]
+    if count:
+        out[:1].copy_(flat[:1].clone())  # element 0's source and destination overlap
+    start = 1
+    while start < count:
+        stop = min(2 * start, count)
+        out[start:stop].copy_(flat[start:stop])
+        start = stop
+    return out.view(acc.shape)
 
 
 def _empty_result(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -156,6 +203,11 @@ def _empty_result(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, tor
     )
 
 
+def _factor(grad_loss: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+    factor = grad_loss.float()
+    return factor if reference is None else factor * reference
+
+
 class FusedLogitsLoss(torch.autograd.Function):
     """Weighted NLL from given logits [R, V]; the gradient replaces full fp32 copies."""
 
@@ -164,17 +216,21 @@ class FusedLogitsLoss(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         sync_free = _sync_free(logits.device)
         if chunk_size is None:
-            chunk_size = default_chunk_size(logits.shape[1], rows.shape[0], logits.device)
+            chunk_size = default_chunk_size(
+                logits.shape[1], rows.shape[0], logits.device,
+                objective=objective, compute_dtype=logits.dtype,
+            )  # fmt: skip
+        reference = _range_reference(scale, need_grad and logits.dtype == torch.float16)
+        if reference is not None:
+            scale = scale / reference
         loss, stats, finite = _empty_result(logits.device)
         grad = _gradient_buffer(logits, rows, sync_free) if need_grad else None
         # fp32 eager: the gradient is written in place into ``grad``
         direct = logits.dtype == torch.float32 and not compile
         workspace = Workspace()
         for part, block in _chunks(rows, chunk_size, sync_free):
-            if block is not None:
-                z = logits[block].float()
-            else:
-                z = logits.index_select(0, rows[part]).float()
+            # 16-bit logits are read as they are: the chunk math computes in fp32
+            z = logits[block] if block is not None else logits.index_select(0, rows[part])
             out = grad[block] if need_grad and direct and block is not None else None
             res = weighted_nll_chunk(
                 z, targets[part], scale[part], objective, generator, need_grad, out,
@@ -190,8 +246,11 @@ class FusedLogitsLoss(torch.autograd.Function):
                     grad.index_copy_(0, rows[part], res.grad.to(grad.dtype))
         if sync_free:
             _check_finite(finite)
+        if reference is not None:
+            loss = loss * reference
         ctx.save_for_backward(grad if need_grad else None)
         ctx.scaler = _Scaler(sync_free)
+        ctx.reference = reference
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
@@ -199,41 +258,61 @@ class FusedLogitsLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_stats):
         ctx.scaler.start()
         (grad,) = ctx.saved_tensors
-        return ctx.scaler(grad, grad_loss), None, None, None, None, None, None, None
+        grad = ctx.scaler(grad, _factor(grad_loss, ctx.reference))
+        return grad, None, None, None, None, None, None, None
 
 
 class FusedLinearLoss(torch.autograd.Function):
     """Weighted NLL of ``hidden @ weight.T + bias``, one chunk of logits at a time.
 
-    The lm_head weight and bias gradients are accumulated in fp32 over the chunks and
-    cast to the parameters' dtypes once, in backward: under bf16 autocast a bf16
-    accumulator would round away the small contributions of later chunks.
+    The GEMMs run in ``compute_dtype_of(hidden, weight)``. The lm_head weight and bias
+    gradients are accumulated in fp32 over the chunks (under bf16 a bf16 accumulator
+    would round away the small contributions of later chunks): a 16-bit weight's chunk
+    products are formed in ``WEIGHT_GRAD_BLOCKS`` row blocks and added to the fp32
+    accumulator, which backward converts to the weight's dtype in its own storage, so a
+    trainable 16-bit lm_head costs one fp32 accumulator (two copies of itself) and no more.
+
+    ``lora_a`` [r, D] and ``lora_b`` [V, r] (the LoRA scaling folded in) add a low-rank
+    term, ``z = h W.T + (h A.T) B.T``: the adapter's gradients come from [n, r]
+    products, and ``W + B A`` is never formed.
     """
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, rows, targets, scale, objective, generator, chunk_size, compile
-    ):
+        ctx, hidden, weight, bias, rows, targets, scale, objective, generator, chunk_size,
+        compile, lora_a=None, lora_b=None,
+    ):  # fmt: skip
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        need_grad = need_h or need_w or need_b
+        # ``apply`` without the two optional LoRA inputs gives 10 flags, not 12
+        need_la, need_lb = (*ctx.needs_input_grad[10:12], False, False)[:2]
+        ctx.inputs = len(ctx.needs_input_grad)
+        need_grad = need_h or need_w or need_b or need_la or need_lb
         device = hidden.device
         sync_free = _sync_free(device)
+        vocab, width = weight.shape
+        compute_dtype = compute_dtype_of(hidden, weight)
         if chunk_size is None:
-            chunk_size = default_chunk_size(weight.shape[0], rows.shape[0], device, hidden.shape[1])
-        compute_dtype = (
-            torch.get_autocast_dtype(device.type)
-            if torch.is_autocast_enabled(device.type)
-            else weight.dtype
-        )
+            chunk_size = default_chunk_size(
+                vocab, rows.shape[0], device, width,
+                objective=objective, compute_dtype=compute_dtype,
+            )  # fmt: skip
         fp32 = compute_dtype == torch.float32
+        low_range = torch.float16 in (compute_dtype, hidden.dtype)
+        reference = _range_reference(scale, need_grad and low_range)
+        if reference is not None:
+            scale = scale / reference
+        block_rows = math.ceil(vocab / WEIGHT_GRAD_BLOCKS)
         with torch.autocast(device.type, enabled=False):
             w = weight.to(compute_dtype)
             b = bias.to(compute_dtype) if bias is not None else None
+            low_rank = lora_a is not None
+            la = lora_a.to(compute_dtype) if low_rank else None
+            lb = lora_b.to(compute_dtype) if low_rank else None
+            grad_la = torch.zeros(la.shape, dtype=torch.float32, device=device) if need_la else None
+            grad_lb = torch.zeros(lb.shape, dtype=torch.float32, device=device) if need_lb else None
             grad_h = _gradient_buffer(hidden, rows, sync_free) if need_h else None
-            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
-            grad_b = (
-                torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
-            )
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=device) if need_w else None
+            grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
             loss, stats, finite = _empty_result(device)
             workspace = Workspace()
             for part, block in _chunks(rows, chunk_size, sync_free):
@@ -241,47 +320,65 @@ class FusedLinearLoss(torch.autograd.Function):
                     h = hidden[block].to(compute_dtype)
                 else:
                     h = hidden.index_select(0, rows[part]).to(compute_dtype)
-                if fp32:
-                    # Logits straight into a reused buffer: no per-chunk allocation.
-                    buf = workspace.take_shape("logits", h.shape[0], w.shape[0], device)
+                # Logits straight into a reused buffer: no per-chunk allocation.
+                buf = workspace.take_shape("logits", h.shape[0], vocab, device, compute_dtype)
+                if b is None:
                     z = torch.mm(h, w.t(), out=buf)
-                    if b is not None:
-                        z.add_(b)
-                else:
-                    z = F.linear(h, w, b).float()
+                else:  # the bias inside the GEMM: one rounding to the compute dtype
+                    z = torch.addmm(b, h, w.t(), out=buf)
+                u = None
+                if low_rank:
+                    u = h @ la.t()  # [n, r]
+                    z.addmm_(u, lb.t())
                 res = weighted_nll_chunk(
                     z, targets[part], scale[part], objective, generator, need_grad, None,
                     workspace, check_finite=not sync_free, compile=compile,
                 )  # fmt: skip
-                del z
                 loss += res.loss
                 stats += res.stats
                 finite &= res.finite
                 if not need_grad:
                     continue
-                g = res.grad if fp32 else res.grad.to(compute_dtype)
+                # the logit gradient in the compute dtype, in the logits' buffer (z is dead)
+                g = res.grad if fp32 else buf.copy_(res.grad)
+                g_b = g @ lb if low_rank else None  # [n, r]
                 if need_h:
-                    if block is not None and fp32 and grad_h.dtype == torch.float32:
-                        torch.mm(g, w, out=grad_h[block])
-                    elif block is not None:
-                        grad_h[block].copy_(g @ w)
-                    else:
-                        grad_h.index_copy_(0, rows[part], (g @ w).to(grad_h.dtype))
+                    direct = block is not None and grad_h.dtype == compute_dtype
+                    g_h = torch.mm(g, w, out=grad_h[block]) if direct else g @ w
+                    if low_rank:
+                        g_h.addmm_(g_b, la)
+                    if block is None:
+                        grad_h.index_copy_(0, rows[part], g_h.to(grad_h.dtype))
+                    elif not direct:
+                        grad_h[block].copy_(g_h)
+                if need_la:
+                    grad_la += g_b.t() @ h
+                if need_lb:
+                    grad_lb += g.t() @ u
                 if need_w:
                     if fp32:
                         grad_w.addmm_(g.t(), h)
                     else:
                         # The chunk's product in the compute dtype (fp32 inside the GEMM),
-                        # summed over chunks in fp32.
-                        shape = (w.shape[0], w.shape[1])
-                        part_w = workspace.take_shape("grad_w", *shape, device, compute_dtype)
-                        grad_w.add_(torch.mm(g.t(), h, out=part_w))
+                        # one row block at a time, summed over chunks in fp32.
+                        for start in range(0, vocab, block_rows):
+                            stop = min(start + block_rows, vocab)
+                            part_w = workspace.take_shape(
+                                "grad_w", stop - start, width, device, compute_dtype
+                            )
+                            torch.mm(g[:, start:stop].t(), h, out=part_w)
+                            grad_w[start:stop].add_(part_w)
                 if need_b:
                     grad_b += res.grad.sum(0)
             if sync_free:
                 _check_finite(finite)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.scaler = _Scaler(sync_free)
+        if reference is not None:
+            loss = loss * reference
+        narrow = need_w and weight.dtype != torch.float32
+        ctx.save_for_backward(grad_h, grad_w, grad_b, grad_la, grad_lb)
+        ctx.lora_dtypes = (lora_a.dtype, lora_b.dtype) if low_rank else None
+        ctx.scaler = _Scaler(sync_free, in_place=narrow)
+        ctx.reference = reference
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.mark_non_differentiable(stats)
@@ -290,13 +387,22 @@ class FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         ctx.scaler.start()
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        grad_h = ctx.scaler(grad_h, grad_loss)
+        grad_h, grad_w, grad_b, grad_la, grad_lb = ctx.saved_tensors
+        factor = _factor(grad_loss, ctx.reference)
+        grad_h = ctx.scaler(grad_h, factor)
         if grad_w is not None:
-            grad_w = ctx.scaler(grad_w, grad_loss).to(ctx.weight_dtype)
+            if ctx.weight_dtype == torch.float32:
+                grad_w = ctx.scaler(grad_w, factor)
+            else:
+                grad_w = _narrow_in_place(grad_w, ctx.weight_dtype, factor)
         if grad_b is not None:
-            grad_b = ctx.scaler(grad_b, grad_loss).to(ctx.bias_dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+            grad_b = ctx.scaler(grad_b, factor).to(ctx.bias_dtype)
+        if grad_la is not None:
+            grad_la = ctx.scaler(grad_la, factor).to(ctx.lora_dtypes[0])
+        if grad_lb is not None:
+            grad_lb = ctx.scaler(grad_lb, factor).to(ctx.lora_dtypes[1])
+        nothing = (None,) * 7  # rows, targets, scale, objective, generator, chunk_size, compile
+        return (grad_h, grad_w, grad_b, *nothing, grad_la, grad_lb)[: ctx.inputs]
 
 
 def fused_logits_loss(
@@ -330,8 +436,14 @@ def fused_linear_loss(
     generator: torch.Generator | None,
     chunk_size: int | None,
     compile: bool = False,
+    low_rank: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, stats) of the rows ``rows`` of 2-D ``hidden`` through the output layer."""
+    """(loss, stats) of the rows ``rows`` of 2-D ``hidden`` through the output layer.
+
+    ``low_rank``: a LoRA adapter on the output layer as (A [r, D], scaling * B [V, r]).
+    """
+    lora_a, lora_b = low_rank if low_rank is not None else (None, None)
     return FusedLinearLoss.apply(
-        hidden, weight, bias, rows, targets, scale, objective, generator, chunk_size, compile
-    )
+        hidden, weight, bias, rows, targets, scale, objective, generator, chunk_size, compile,
+        lora_a, lora_b,
+    )  # fmt: skip

@@ -224,7 +224,7 @@ def weighted_loss(
     labels: torch.Tensor,
     settings: OTRSettings,
     *,
-    lm_head: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    lm_head: tuple | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -233,9 +233,10 @@ def weighted_loss(
     """The loss and summed statistics for already validated ``settings``.
 
     ``activations`` are logits [batch, seq, vocab], or hidden states [batch, seq, D] when
-    ``lm_head`` gives the output layer's (weight, bias). The trainer calls this directly
-    with its one settings object; ``otr_loss``/``otr_loss_from_hidden`` build that object
-    from their keywords.
+    ``lm_head`` gives the output layer's (weight, bias), or (weight, bias, (A, B)) with a
+    LoRA adapter kept low-rank (``output_layer``: A [r, D], B [V, r] with its scaling).
+    The trainer calls this directly with its one settings object;
+    ``otr_loss``/``otr_loss_from_hidden`` build that object from their keywords.
     """
     vocab_size = lm_head[0].shape[0] if lm_head is not None else activations.shape[-1]
     # As the HF loss does: with the model split over devices (device_map: auto) the
@@ -266,8 +267,20 @@ def weighted_loss(
     )  # fmt: skip
     if lm_head is None:
         return fused_logits_loss(flat, *parts)
-    weight, bias = lm_head
-    return fused_linear_loss(flat, weight, bias, *parts)
+    if not torch.is_grad_enabled():
+        # An autograd Function sees requires_grad, not the grad mode: under no_grad
+        # (evaluation) it would still fill an fp32 [V, D] weight gradient.
+        lm_head = _detached(lm_head)
+        flat = flat.detach()
+    weight, bias, *low_rank = lm_head
+    return fused_linear_loss(flat, weight, bias, *parts, low_rank=low_rank[0] if low_rank else None)
+
+
+def _detached(value):
+    """``value`` (a tensor, None, or nested tuples of them) cut from the autograd graph."""
+    if isinstance(value, tuple):
+        return tuple(_detached(v) for v in value)
+    return value.detach() if isinstance(value, torch.Tensor) else value
 
 
 def _check_vocab(targets: Targets, vocab_size: int, ignore_index: int) -> None:

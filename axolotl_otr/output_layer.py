@@ -1,8 +1,8 @@
 """Find a model's output projection as a differentiable (weight, bias) pair.
 
 The chunked hidden-state path needs the lm_head as plain tensors. That is exact for a
-``nn.Linear`` (tied or not), a PEFT LoRA-wrapped ``nn.Linear`` (weight = base + sum of
-the active adapters' deltas, still differentiable in A and B) and a PEFT
+``nn.Linear`` (tied or not), a PEFT LoRA-wrapped ``nn.Linear`` (the base weight plus the
+active adapters' low-rank factors, kept apart so that ``W + B A`` is never formed) and a PEFT
 ``modules_to_save`` copy. Anything else (4-bit lm_head, DoRA, LoRA dropout on the
 lm_head, logit soft-capping or scaling after the lm_head) is reported as unsupported, and
 the caller falls back to the model's own logits.
@@ -97,13 +97,23 @@ def _lora_accessor(head: nn.Module) -> OutputLayer:
         if getattr(head, "use_dora", {}).get(adapter):
             return OutputLayer(None, "DoRA on the lm_head")
 
-    def weight_and_bias() -> tuple[torch.Tensor, torch.Tensor | None]:
-        weight = base_layer.weight
-        if not (head.disable_adapters or head.merged):
-            for adapter in head.active_adapters:
-                if adapter in head.lora_A:
-                    weight = weight + head.get_delta_weight(adapter).to(weight.dtype)
-        return weight, base_layer.bias
+    for adapter in head.lora_B:
+        if getattr(head.lora_B[adapter], "bias", None) is not None:
+            return OutputLayer(None, "a LoRA bias on the lm_head")
+    if getattr(head, "fan_in_fan_out", False):
+        return OutputLayer(None, "fan_in_fan_out LoRA on the lm_head")
+
+    def weight_and_bias() -> tuple:
+        """(base weight, bias, (A, scaling * B)) of the active adapters, stacked along
+        the rank: the loss adds ``(h A.T) B.T`` and never forms ``W + B A``."""
+        weight, bias = base_layer.weight, base_layer.bias
+        active = [] if head.disable_adapters or head.merged else head.active_adapters
+        active = [a for a in active if a in head.lora_A]
+        if not active:
+            return weight, bias
+        a = torch.cat([head.lora_A[name].weight for name in active], 0)
+        b = torch.cat([head.lora_B[name].weight * head.scaling[name] for name in active], 1)
+        return weight, bias, (a, b)
 
     return OutputLayer(weight_and_bias)
 

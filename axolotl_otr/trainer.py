@@ -160,11 +160,7 @@ class OTRTrainerMixin:
         if settings.normalization == "sequence":
             units = self._otr_window_sequences if training else None
         if call.hidden is not None:
-            lm_head = self.otr_output_layer.weight_and_bias()
-            if not torch.is_grad_enabled():
-                # An autograd Function sees requires_grad, not the grad mode: without
-                # this it would compute the lm_head's gradient in evaluation.
-                lm_head = tuple(t.detach() if t is not None else None for t in lm_head)
+            lm_head = self.otr_output_layer.weight_and_bias()  # detached under no_grad
             # With device_map the lm_head (tied: next to the embeddings) may sit on
             # another device than the decoder's output; its own forward moves it too.
             activations = call.hidden.take().to(lm_head[0].device)

@@ -3,8 +3,8 @@
 # 10 minutes on one H100: every step has its own time limit and the report is written
 # whatever happens):
 #   bash scripts/gpu_check.sh            # or: make gpu-check
-# Figures land in bench/results/gpu/ (loss_speed.json, step_time.json, pytest.xml and
-# README.md with the tables), and are copied to $OUT when that is set. Uses $PYTHON
+# Figures land in bench/results/gpu/ (loss_speed.json, step_time.json, loss_memory.json,
+# pytest.xml and README.md with the tables), and are copied to $OUT when that is set. Uses $PYTHON
 # (default python3) with torch (CUDA), transformers, peft and pytest; wheels carried in
 # .whl/ (liger-kernel, bitsandbytes: see README, "GPU checks") are installed first into
 # /tmp/site. bitsandbytes, flash-attn and axolotl are optional: their checks are skipped,
@@ -28,11 +28,15 @@ fi
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 if [[ $DEVICE == cpu ]]; then
     LOSS_ARGS=(--device cpu --quick --hidden 16 --compile)
-    STEP_ARGS=(--device cpu --quick --variants sft sft_liger otr_sampled otr_exact)
+    STEP_ARGS=(--device cpu --quick --variants sft sft_chunked sft_liger otr_sampled otr_exact
+        --heads frozen trainable)
+    MEMORY_ARGS=(--device cpu --quick)
 else
     LOSS_ARGS=(--device cuda --hidden 896 1536 --vocab 151936 --tokens 2048 --repeats 10
         --warmup 2 --compile)
-    STEP_ARGS=(--device cuda --warmup 2 --steps 6 --compile)
+    STEP_ARGS=(--device cuda --warmup 2 --steps 4 --rounds 1 --heads frozen trainable
+        --variants sft sft_chunked sft_liger otr_sampled otr_exact)
+    MEMORY_ARGS=(--device cuda)
 fi
 
 DEVICE=$DEVICE "$PY" - <<'PY' || exit 1
@@ -59,12 +63,14 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep going on f
     timeout "$limit" "$@" || { echo "!! $name failed or timed out (exit $?)"; status=1; }
 }
 
-step "pytest -m gpu" 150 "$PY" -m pytest -q -rs -m gpu tests/test_gpu.py \
+step "pytest -m gpu" 140 "$PY" -m pytest -q -rs -m gpu tests/test_gpu.py \
     --junitxml "$RESULTS/pytest.xml"
-step "the loss alone: CE, Liger FLCE, OTR (eager and compiled)" 150 \
+step "the loss alone: CE, Liger FLCE, OTR (eager and compiled)" 140 \
     "$PY" bench/loss_speed.py "${LOSS_ARGS[@]}" --json "$RESULTS/loss_speed.json"
-step "LoRA training steps, Qwen2.5-0.5B and 1.5B shapes, bf16, seq 2048" 210 \
+step "LoRA training steps through trainer.train(), Qwen2.5-0.5B and 1.5B shapes, bf16, seq 2048, frozen and trainable lm_head" 210 \
     "$PY" bench/step_time.py "${STEP_ARGS[@]}" --json "$RESULTS/step_time.json"
+step "the loss's memory ledger, Qwen2.5-0.5B and 7B lm_head shapes, 2048 and 8192 positions" 80 \
+    "$PY" bench/loss_memory.py "${MEMORY_ARGS[@]}" --json "$RESULTS/loss_memory.json"
 
 if [[ $DEVICE == cuda ]] && "$PY" -c "import axolotl, bitsandbytes, flash_attn" 2>/dev/null; then
     echo "== axolotl train: QLoRA + flash-attention + sample packing + OTR on the tiny model"

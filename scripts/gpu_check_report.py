@@ -1,7 +1,8 @@
 """Markdown tables of what ``scripts/gpu_check.sh`` measured, checked against the targets.
 
-Reads ``loss_speed.json``, ``step_time.json`` and ``pytest.xml`` from the results folder
-(each optional: a missing one is reported as missing) and writes ``README.md`` there.
+Reads ``loss_speed.json``, ``step_time.json``, ``loss_memory.json`` and ``pytest.xml``
+from the results folder (each optional: a missing one is reported as missing) and
+writes ``README.md`` there.
 
     python scripts/gpu_check_report.py bench/results/gpu
 """
@@ -60,6 +61,7 @@ def step_table(data: dict) -> list[str]:
     ]
     for shape in data["shapes"]:
         name = f"{shape['shape']['name']} seq {shape['shape']['seq']}"
+        name += f", lm_head {shape.get('head', 'frozen')}"
         for variant, fig in shape["variants"].items():
             otr = variant.startswith("otr")
             t_liger = fig.get("time_vs_sft_liger")
@@ -70,6 +72,29 @@ def step_table(data: dict) -> list[str]:
                 f"{_mark(t_liger, STEP_VS_LIGER) if otr else '-'} | "
                 f"{_mark(m_liger, STEP_VS_LIGER) if otr else '-'} |"
             )
+    return lines
+
+
+def memory_table(data: dict) -> list[str]:
+    lines = [
+        f"The loss's peak memory above its inputs, fwd+bwd, {data['dtype']} "
+        f"(`bench/loss_memory.py`), {data['device']}, torch {data['torch']}: OTR-sampled "
+        "against chunked SFT and full-logit SFT (targets <= 1.05x and <= 1.0x), and the "
+        "analytic ledger on this device's chunk budget:",
+        "",
+        "| shape | vocab | tokens | lm_head | OTR MiB | ledger MiB | x chunked SFT "
+        "| x full-logit SFT |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in data["rows"]:
+        otr = row["otr_sampled"]
+        ledger = otr.get("analytic_gpu") if data["device"] == "cuda" else otr.get("analytic_cpu")
+        shown = f"{ledger['total_bytes'] / 2**20:.1f}" if ledger else "n/a"
+        lines.append(
+            f"| {row['shape']} | {row['vocab']} | {row['tokens']} | {row['head']} | "
+            f"{otr['measured_bytes'] / 2**20:.1f} | {shown} | "
+            f"{_mark(row['otr_vs_sft_chunked'], 1.05)} | {_mark(row['otr_vs_sft_full'], 1.0)} |"
+        )
     return lines
 
 
@@ -109,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "pytest.xml": pytest_lines,
         "loss_speed.json": lambda p: loss_table(json.loads(p.read_text())),
         "step_time.json": lambda p: step_table(json.loads(p.read_text())),
+        "loss_memory.json": lambda p: memory_table(json.loads(p.read_text())),
     }
     for name, render in sources.items():
         path = folder / name

@@ -12,7 +12,7 @@ def replaying(draws: list[torch.Tensor]):
     order, whatever the chunking."""
     rows = [row for batch in draws for row in batch]
 
-    def replay(probs, num_samples, generator):
+    def replay(probs, num_samples, generator, **buffers):
         taken = [rows.pop(0) for _ in range(probs.shape[0])]
         return torch.stack(taken)
 

@@ -17,9 +17,13 @@ import pytest
 import torch
 from reference import per_token_loss, reference_loss, shifted
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import axolotl_otr.chunk_math as chunk_math
 from axolotl_otr import otr_loss, otr_loss_from_hidden
+from axolotl_otr.fused import fused_linear_loss
+from axolotl_otr.loss import select_targets
+from axolotl_otr.objective import Objective
 from axolotl_otr.output_layer import _layer_accessor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,16 +141,36 @@ def test_lora_on_lm_head_matches_the_wrapped_layer():
     def grads(fused: bool):
         gen = torch.Generator().manual_seed(8)
         if fused:
-            weight, bias = accessor()
-            loss = otr_loss_from_hidden(
-                hidden, weight, labels, lm_head_bias=bias, chunk_size=5, generator=gen
-            )
+            targets = select_targets(labels)
+            weight, bias, low_rank = accessor()
+            assert weight is head.base_layer.weight  # no W + B A
+            loss = fused_linear_loss(
+                hidden.reshape(-1, H), weight, bias, targets.rows, targets.tokens, targets.scale,
+                Objective(), gen, 5, low_rank=low_rank,
+            )[0]  # fmt: skip
         else:
             loss = otr_loss(model(hidden), labels, chunk_size=5, generator=gen)
         return (loss, *torch.autograd.grad(loss, [hidden, *params]))
 
     for a, b in zip(grads(True), grads(False), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    shapes = _OutputShapes()
+    with shapes:
+        grads(True)
+    assert (V, H) not in shapes.seen  # low-rank: W + B A is never formed
+
+
+class _OutputShapes(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.seen.add(tuple(t.shape))
+        return out
 
 
 @pytest.mark.parametrize("path", ["logits", "hidden"])
@@ -183,6 +207,7 @@ def test_sampler_draws_in_proportion_to_unnormalized_weights():
     [
         ("loss_speed.py", ("otr_sampled_vs_ce", "otr_exact_vs_ce")),
         ("step_time.py", ("step_time_ratio", "peak_mem_ratio")),
+        ("loss_memory.py", ("otr_vs_sft_chunked", "otr_vs_sft_full", "trainable_head_copies")),
     ],
 )
 def test_bench_quick_smoke(script, keys):
@@ -199,3 +224,31 @@ def test_bench_quick_smoke(script, keys):
     for key in keys:
         assert key in pairs, last
         float(pairs[key])
+
+
+def test_sampler_is_the_inverse_cdf_of_its_uniforms():
+    """Each draw is the first token whose cumulative weight exceeds u * total, with u the
+    generator's uniforms: the same tokens as a float64 inverse CDF on the same u."""
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.rand(6, 40, generator=gen) ** 3
+    weights[:, ::7] = 0  # tokens of weight 0 are never drawn
+    weights[0, -5:] = 0  # nor trailing ones
+    draws = chunk_math.sample_tokens(weights.clone(), 500, torch.Generator().manual_seed(5))
+    uniforms = torch.empty(6, 500).uniform_(generator=torch.Generator().manual_seed(5))
+    cdf = weights.double().cumsum(1)
+    want = torch.searchsorted(cdf, uniforms.double() * cdf[:, -1:], right=True)
+    assert torch.equal(draws, want)
+    assert not (weights.gather(1, draws) == 0).any()
+
+
+def test_sampler_frequencies_pass_a_chi_square_test():
+    weights = torch.tensor([[0.5, 0.0, 2.0, 1.0, 0.25, 3.0], [1.0, 1.0, 0.0, 0.0, 4.0, 0.01]])
+    n = 200_000
+    draws = chunk_math.sample_tokens(weights.clone(), n, torch.Generator().manual_seed(1))
+    for row, w in zip(draws, weights, strict=True):
+        counts = torch.bincount(row, minlength=6).double()
+        expected = n * w.double() / w.sum()
+        assert counts[w == 0].sum() == 0
+        keep = w > 0
+        chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum().item()
+        assert chi2 < 20.5, chi2  # 4 degrees of freedom: P(chi2 > 18.5) = 0.001

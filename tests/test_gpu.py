@@ -1,6 +1,7 @@
 """Checks that need a CUDA GPU: bf16, the chunked path under autocast, the CUDA sampler,
 one host sync per forward and none in backward, the compiled chunk math, fp32 lm_head
-gradient accumulation, the GPU chunk size, 4-bit QLoRA (bitsandbytes) and
+gradient accumulation, the GPU chunk size (byte budget), the trainable lm_head's memory,
+fp16 gradients without underflow, 4-bit QLoRA (bitsandbytes) and
 flash-attention with packed sequences (the other checks use sdpa attention).
 
 Every test skips cleanly without CUDA (and without the optional package it needs); run
@@ -259,4 +260,22 @@ def test_default_chunk_size_on_cuda_follows_the_vocab_to_hidden_ratio(monkeypatc
     weight = torch.randn(151936, 896, device="cuda", dtype=torch.bfloat16)
     labels = torch.randint(0, 151936, (1, 2049), device="cuda")
     otr_loss_from_hidden(hidden, weight, labels)
-    assert seen == [16]  # next_power_of_2(ceil(2048 / ceil(151936 / 896)))
+    # the budget: Liger's 16-row chunk in fp32 bytes, at least 32 MiB, over every buffer
+    want = fused.default_chunk_size(151936, 2048, "cuda", 896, compute_dtype=torch.bfloat16)
+    assert seen == [want]
+    assert want > 1
+
+
+def test_a_trainable_bf16_lm_head_costs_at_most_2_2_copies_on_cuda():
+    from test_memory import trainable_head_cost
+
+    copies, dtype = trainable_head_cost("cuda")
+    assert dtype == torch.bfloat16
+    assert copies <= 2.2, copies
+
+
+def test_fp16_gradients_do_not_underflow_on_cuda():
+    from test_memory import fp16_gradient_errors
+
+    error, lost, _ = fp16_gradient_errors("cuda")
+    assert error < 5e-3 and lost < 1e-3, (error, lost)

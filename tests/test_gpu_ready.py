@@ -12,6 +12,7 @@ from reference import per_token_loss, reference_loss, shifted
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import axolotl_otr.chunk_budget as chunk_budget
 import axolotl_otr.chunk_math as chunk_math
 import axolotl_otr.fused as fused
 from axolotl_otr import otr_loss, otr_loss_from_hidden
@@ -155,6 +156,34 @@ def test_sync_free_chunked_loss_reads_the_device_once_per_forward(estimator, syn
     assert reads > 2
 
 
+class _Multinomial(TorchDispatchMode):
+    """Counts ``torch.multinomial`` calls (its K = 1 path reads the device on the host)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.__name__.split(".")[0] == "multinomial"
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("num_samples", [1, 2, 256])
+def test_sync_free_draws_need_no_multinomial_and_no_host_read(num_samples, sync_free):
+    """K = 1 included: the inverse-CDF sampler reads nothing on the host, so the forward's
+    one read is still the NaN/Inf flag; ``torch.multinomial`` is never called."""
+    hidden, weight, labels = data(8)
+    targets = select_targets(labels)
+    obj = Objective(num_samples=num_samples)
+    args = (targets.rows, targets.tokens, targets.scale, obj, torch.Generator(), 3)
+    flat = hidden.reshape(-1, H)
+    spy = _Multinomial()
+    with spy:
+        reads = count_host_reads(lambda: fused.fused_linear_loss(flat, weight, None, *args))
+    assert reads == 1
+    assert spy.count == 0
+
+
 # Inductor compiles C++ per graph (seconds each): tiny shapes, both estimators in one
 # test, and the `compile` marker lets a quick run skip it.
 @pytest.mark.compile
@@ -224,14 +253,38 @@ def test_bf16_autocast_weight_gradient_is_accumulated_in_fp32(
 
 
 def test_default_chunk_size_per_device():
-    # CPU: unchanged, 64 MiB of fp32 logits
-    assert fused.default_chunk_size(151936, 2048, "cpu", 896) == fused.CHUNK_BYTES // (4 * 151936)
-    # GPU, hidden path: Liger's rule, next_power_of_2(ceil(2048 / ceil(151936 / 896)))
-    assert fused.default_chunk_size(151936, 2048, "cuda", 896) == 16
-    assert fused.default_chunk_size(151936, 4096, "cuda", 1536) == 64  # ceil(4096 / 99) = 42
-    assert fused.default_chunk_size(32000, 1, "cuda", 4096) == 1
-    # GPU, logits path: GPU_LOGITS_CHUNKS chunks
-    assert fused.default_chunk_size(32000, 2048, "cuda") == 2048 // fused.GPU_LOGITS_CHUNKS
+    """Rows per chunk = the device's byte budget over every buffer of one row."""
+    otr, sft = Objective(), Objective("sft")
+    v, d = 151936, 896
+    # CPU: CPU_CHUNK_BYTES over z (fp32) + pi + rollout/CDF + the draws' [K] buffers
+    per_row = 12 * v + 256 * (4 + 8 + 4 + 1) + 2 * d * 4
+    assert fused.default_chunk_size(v, 2048, "cpu", d) == fused.CHUNK_BYTES // per_row
+    # the same three [n, V] buffers for SFT (z, pi, product): about the same rows
+    assert (
+        fused.default_chunk_size(v, 2048, "cpu", d, objective=sft) >= fused.CHUNK_BYTES // per_row
+    )
+    # exact OTR at kappa != 1 holds a fourth: fewer rows
+    exact = fused.default_chunk_size(v, 2048, "cpu", d, objective=Objective(estimator="exact"))
+    assert exact < fused.CHUNK_BYTES // per_row
+    # bf16 logits on CPU are upcast once (a fourth [n, V] buffer): fewer rows
+    bf16 = fused.default_chunk_size(v, 2048, "cpu", d, compute_dtype=torch.bfloat16)
+    assert bf16 < fused.CHUNK_BYTES // per_row
+    # on a GPU bf16 logits are read as they are: more rows than fp32
+    gpu = [
+        fused.default_chunk_size(v, 8192, "cuda", 3584, compute_dtype=t)
+        for t in (torch.float32, torch.bfloat16)
+    ]
+    assert gpu[1] > gpu[0]
+    # GPU, hidden path: the fp32 bytes of Liger's chunk (next_power_of_2(ceil(T / ceil(V / H)))
+    # rows), at least GPU_MIN_CHUNK_BYTES: 2048 x 896 -> 16 rows -> 9.7 MB -> the 32 MiB floor
+    floor = chunk_budget.GPU_MIN_CHUNK_BYTES
+    assert chunk_budget.default_budget("cuda", v, 2048, d) == floor
+    # 8192 x 3584 -> 256 Liger rows -> 155 MB
+    assert chunk_budget.default_budget("cuda", v, 8192, 3584) == 4 * v * 256
+    rows = fused.default_chunk_size(v, 8192, "cuda", 3584, objective=otr)
+    buffers = chunk_budget.row_buffers(v, otr, torch.float32, 3584, "cuda")
+    assert rows == 4 * v * 256 // sum(b.bytes for b in buffers)
+    assert fused.default_chunk_size(32000, 1, "cuda", 4096) >= 1
 
 
 def test_explicit_chunk_size_overrides_the_default(monkeypatch):

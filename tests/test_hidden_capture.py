@@ -47,7 +47,9 @@ def test_bf16_trainer_hands_the_loss_one_hidden_state_in_bf16(tiny_dir, tmp_path
     def spy_weighted(activations, *args, **kwargs):
         calls[-1]["activations"] = activations
         calls[-1]["lm_head"] = kwargs["lm_head"]
-        return weighted(activations, *args, **kwargs)
+        loss, stats = weighted(activations, *args, **kwargs)
+        calls[-1]["loss_has_graph"] = loss.requires_grad
+        return loss, stats
 
     monkeypatch.setattr(otr_trainer, "weighted_loss", spy_weighted)
     loss_func = trainer.compute_loss_func
@@ -74,9 +76,10 @@ def test_bf16_trainer_hands_the_loss_one_hidden_state_in_bf16(tiny_dir, tmp_path
         # The model's own lm_head ran on the last position only.
         assert call["logits"] == (2, 1, VOCAB)
     train, evaluation = calls
-    assert train["lm_head"][0].requires_grad
-    # Evaluation gives the loss a weight that autograd will not compute a gradient for.
-    assert not evaluation["lm_head"][0].requires_grad
+    assert train["lm_head"][0].requires_grad and train["loss_has_graph"]
+    # Evaluation (no_grad) builds no graph, so no lm_head gradient is computed (the
+    # fp32 [V, D] accumulator this would cost is tested in test_memory.py).
+    assert not evaluation["loss_has_graph"]
     assert grads.grads and all(torch.isfinite(g).all() for g in grads.grads[0].values())
     assert metrics["eval_otr/ce"] > 0
 
