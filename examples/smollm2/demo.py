@@ -108,8 +108,10 @@ def fingerprint(model_dir: Path, sets: dict[str, list[dict]]) -> str:
     return digest.hexdigest()[:16]
 
 
-def score_base(model_dir: Path, sets: dict, data_dir: Path, log) -> dict:
-    """The base model's scores (cached in the data folder under their fingerprint)."""
+def start_base_scoring(model_dir: Path, sets: dict, data_dir: Path, threads: int, log):
+    """Start scoring the base model in the background (it runs next to `axolotl train`);
+    return (the function that waits for its scores, the function that cancels it).
+    Cached in the data folder under the scores' fingerprint."""
     import evaluate
 
     key = fingerprint(model_dir, sets)
@@ -118,23 +120,25 @@ def score_base(model_dir: Path, sets: dict, data_dir: Path, log) -> dict:
         cached = json.loads(cache.read_text())
         if cached.get("fingerprint") == key:
             log(f"base model scores: read from {cache} (same model and problems)")
-            return cached
+            return (lambda: cached), (lambda: None)
+    names = ("in_domain", "ood", "retention_pool")
+    scoring = evaluate.Scoring(
+        model_dir, None, {n: sets[n] for n in names}, 1, threads, log=data_dir / "scoring.log"
+    )
     start = time.perf_counter()
-    model, tokenizer = evaluate.load(model_dir)
-    pool = evaluate.score(model, tokenizer, sets["retention_pool"])
-    kept = [item for item, ok in zip(sets["retention_pool"], pool["right"], strict=True) if ok]
-    if not kept:
-        raise SetupError("the base model answers no retention question right; check the model")
-    scores = {
-        "fingerprint": key,
-        "in_domain": evaluate.score(model, tokenizer, sets["in_domain"]),
-        "ood": evaluate.score(model, tokenizer, sets["ood"]),
-        "retention_pool": pool,
-        "retention_set": kept,
-        "seconds": round(time.perf_counter() - start, 1),
-    }
-    cache.write_text(json.dumps(scores, indent=1))
-    return scores
+
+    def finish() -> dict:
+        scores = scoring.wait()
+        pool = scores["retention_pool"]
+        kept = [item for item, ok in zip(sets["retention_pool"], pool["right"], strict=True) if ok]
+        if not kept:
+            raise SetupError("the base model answers no retention question right; check it")
+        scores.update(fingerprint=key, retention_set=kept)
+        scores["seconds_waited"] = round(time.perf_counter() - start, 1)
+        cache.write_text(json.dumps(scores, indent=1))
+        return scores
+
+    return finish, scoring.cancel
 
 
 def sft_output_dir(otr_output_dir: str) -> str:
@@ -157,7 +161,7 @@ def run_config(config: Path, cfg: dict, sft: bool) -> tuple[Path, dict]:
     return path, cfg
 
 
-def axolotl_train(config: Path, log_path: Path) -> None:
+def axolotl_train(config: Path, log_path: Path, threads: int) -> None:
     """Run `axolotl train CONFIG` as a user would, its output shown live and saved."""
     axolotl = shutil.which("axolotl", path=str(Path(sys.executable).parent)) or shutil.which(
         "axolotl"
@@ -165,7 +169,7 @@ def axolotl_train(config: Path, log_path: Path) -> None:
     if axolotl is None:
         raise SetupError("the axolotl command is not installed; run: make setup")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **OFFLINE_ENV}
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": str(threads)}
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
             [axolotl, "train", str(config)],
@@ -229,6 +233,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def train(args: argparse.Namespace, cfg: dict, threads: int, log) -> tuple[Path, Path, Path, float]:
+    """`axolotl train` on the demo config (or its otr: false twin): (config, adapter, log, s)."""
+    config, run_cfg = run_config(args.config, cfg, args.sft)
+    output_dir = Path(run_cfg["output_dir"])
+    shutil.rmtree(output_dir, ignore_errors=True)  # the scores below are this run's
+    if cfg.get("dataset_prepared_path"):  # Axolotl keys it by config, not by file content
+        shutil.rmtree(cfg["dataset_prepared_path"], ignore_errors=True)
+    log(f"axolotl train {config}  (the base model is scored meanwhile)")
+    start = time.perf_counter()
+    train_log = Path(str(output_dir) + ".log")
+    axolotl_train(config, train_log, threads)
+    return config, output_dir, train_log, time.perf_counter() - start
+
+
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
 
@@ -249,31 +267,33 @@ def run(args: argparse.Namespace) -> int:
         return 0
     import evaluate
 
+    # Two cores' worth of work at every moment, one OpenMP pool per core-share: the base
+    # model is scored while `axolotl train` runs (see evaluate.Scoring).
+    threads = max(1, evaluate.cores() // 2)
     model_dir = Path(cfg["base_model"])
-    base = score_base(model_dir, sets, args.data_dir, log)
+    base_scores, cancel = start_base_scoring(model_dir, sets, args.data_dir, threads, log)
+    try:
+        config, output_dir, train_log, train_s = train(args, cfg, threads, log)
+    except BaseException:
+        cancel()
+        raise
+    base = base_scores()
+
     for name in ("in_domain", "ood"):
         log("base model " + evaluate.summary_line(ROW_NAMES[name], base[name]))
     log(f"retention set: {len(base['retention_set'])} questions the base model answers right")
-
-    config, run_cfg = run_config(args.config, cfg, args.sft)
-    output_dir = Path(run_cfg["output_dir"])
-    shutil.rmtree(output_dir, ignore_errors=True)  # the scores below are this run's
-    if cfg.get("dataset_prepared_path"):  # Axolotl keys it by config, not by file content
-        shutil.rmtree(cfg["dataset_prepared_path"], ignore_errors=True)
-    log(f"axolotl train {config}")
-    train_start = time.perf_counter()
-    train_log = Path(str(output_dir) + ".log")
-    axolotl_train(config, train_log)
-    train_s = time.perf_counter() - train_start
 
     summarize_run = _summarize_run()
     logs = summarize_run.parse_logs(train_log.read_text(errors="replace"))
     print(summarize_run.summarize(logs))
     png = summarize_run.plot(logs, output_dir / "otr_metrics.png")
 
-    model, tokenizer = evaluate.load(model_dir, output_dir)
-    after = {name: evaluate.score(model, tokenizer, sets[name]) for name in ("in_domain", "ood")}
-    after["retention"] = evaluate.score(model, tokenizer, base["retention_set"])
+    log("scoring the fine-tuned model")
+    after_sets = {"in_domain": sets["in_domain"], "ood": sets["ood"]}
+    after_sets["retention"] = base["retention_set"]
+    after = evaluate.Scoring(
+        model_dir, output_dir, after_sets, 2, threads, log=args.data_dir / "scoring.log"
+    ).wait()
     objective = "sft" if args.sft else "otr"
     result = {
         "objective": objective,

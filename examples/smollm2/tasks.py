@@ -84,10 +84,11 @@ def addition_items(
 
 
 def retention_pool(n_products: int | None = None, n_facts: int | None = None) -> list[dict]:
-    """Questions outside the task: 1-digit products (factors 2-9) and one-word facts."""
+    """Questions outside the task: 1-digit products (factors 2-9, asked in the task's
+    reply format, so a changed format is not scored as lost knowledge) and one-word facts."""
     low, high = PRODUCT_RANGE
     products = [
-        {"question": f"Calculate {a} * {b}.", "answer": str(a * b), "kind": "num"}
+        {"question": f"Calculate {a} * {b}.{SUFFIX}", "answer": str(a * b), "kind": "num"}
         for a in range(low, high + 1)
         for b in range(a, high + 1)
     ]
