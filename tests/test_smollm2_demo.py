@@ -282,3 +282,15 @@ def test_the_demo_pipeline_at_a_reduced_size(tmp_path):
         text = tokenizer.decode(targets)
         assert text.endswith("<|im_end|>") and text.removesuffix("<|im_end|>") in replies
         assert "Calculate" in tokenizer.decode(row["input_ids"])  # the prompt is there, masked
+
+
+def test_the_readme_quick_start_shows_the_demo_config_as_it_is():
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    (shown,) = [yaml.safe_load(b) for b in blocks if "smollm2-135m-instruct" in b]
+    cfg = yaml.safe_load(demo.CONFIG.read_text())
+    for key, value in shown.items():
+        if key == "datasets":
+            (dataset,) = value
+            assert dataset.items() <= cfg["datasets"][0].items()
+        else:
+            assert cfg[key] == value, key
