@@ -183,6 +183,17 @@ def test_a_missing_dataset_path_stops_with_one_line(tmp_path, capsys):
     assert "nowhere/x.jsonl" in line and "does not exist" in line and "datasets[0].path" in line
 
 
+def test_more_training_problems_than_the_task_has_stops_with_one_line(tmp_path, capsys):
+    config = _demo_config(tmp_path, tmp_path / "model")
+    cfg = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**cfg, "max_steps": 1000}, sort_keys=False))
+    code = demo.main(["--config", str(config), "--data-dir", str(tmp_path / "data")])
+    assert code == 1
+    line = _one_line_error(capsys.readouterr().err)
+    assert "only 1400 distinct sums" in line and "lower max_steps" in line
+    assert not (tmp_path / "model").exists()  # stopped before converting anything
+
+
 def test_the_evaluator_names_a_missing_data_file_and_model(tmp_path):
     def evaluate(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(

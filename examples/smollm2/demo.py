@@ -81,10 +81,13 @@ def check_dataset_path(cfg: dict, config: Path, data_dir: Path) -> None:
 
 def prepare(cfg: dict, data_dir: Path, sizes: dict[str, int], log) -> dict[str, list[dict]]:
     """Convert the model once; write the train and held-out files (deterministic)."""
-    ensure_model(log, model_dir=str(cfg["base_model"]))
     steps = int(cfg["max_steps"])
     n_train = steps * int(cfg["micro_batch_size"]) * int(cfg.get("gradient_accumulation_steps", 1))
-    sets = tasks.build_sets(n_train, sizes["in_domain"], sizes["ood"])
+    try:
+        sets = tasks.build_sets(n_train, sizes["in_domain"], sizes["ood"])
+    except ValueError as error:  # more problems asked for than the task has
+        raise SetupError(f"{error}; lower max_steps x micro_batch_size or --n-in-domain") from None
+    ensure_model(log, model_dir=str(cfg["base_model"]))
     sets["retention_pool"] = tasks.retention_pool(sizes["products"], sizes["facts"])
     tasks.write_jsonl([tasks.chat_row(item) for item in sets["train"]], data_dir / "train.jsonl")
     for name in ("in_domain", "ood", "retention_pool"):
