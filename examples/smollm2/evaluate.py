@@ -164,14 +164,18 @@ class Scoring:
         """The scores of every set, once all replies are in."""
         try:
             answers = [reply for batch in self.pending.get() for reply in batch]
-        finally:
+        except BaseException:
             self.cancel()
+            raise
+        self.pool.close()
+        self.pool.join()
         by_set: dict[str, list[str]] = {name: [] for name in self.sets}
         for (name, _), reply in zip(self.flat, answers, strict=True):
             by_set[name].append(reply)
         return {name: result(self.sets[name], by_set[name]) for name in self.sets}
 
     def cancel(self) -> None:
+        """Stop the workers now (the run they serve has failed)."""
         self.pool.terminate()
         self.pool.join()
 
