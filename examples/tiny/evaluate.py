@@ -7,7 +7,7 @@ Usage::
 
 An answer counts as correct when the greedy continuation of the alpaca prompt (the
 template Axolotl trains on) is exactly the expected output. Without ``--adapter`` it
-scores the base model, with it the OTR fine-tuned one, so ``make demo`` can show
+scores the base model, with it the OTR fine-tuned one, so ``make demo-tiny`` can show
 "before -> after" as a figure a person reads at a glance.
 """
 
