@@ -74,7 +74,9 @@ def main(argv=None) -> int:
         ),
     )
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--cache", default=os.path.join(ROOT, "bench", "results", "runs", "continuum"))
     args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
 
     import continuum
     import stats
@@ -87,8 +89,8 @@ def main(argv=None) -> int:
     items = unique_set(gen_chain, cfg["steps"] * cfg["batch"], 10_000, held)  # seed 0's data
     first = [example(p, a) for p, a in items[: cfg["measure_n"]]]
     methods = [m.name for m in METHODS]
-    cache_dir = os.path.join(args.out, "runs", "continuum")
-    levels = []
+    cache_dir = args.cache
+    levels, runs_out = [], []
     for index, (prior_steps, state) in enumerate(level_models(args.workdir)):
         sha = continuum.fingerprint(state)
         runs = cached_runs(cache_dir, sha)
@@ -104,6 +106,7 @@ def main(argv=None) -> int:
         model.eval()
         level.update(
             complete=True,
+            base={"in_domain": chosen[0]["base_in_domain"]},
             base_in_domain=chosen[0]["base_in_domain"],
             token_measures=continuum.token_measures(model, first),
             best_lr={m: next(r["lr"] for r in chosen if r["method"] == m) for m in methods},
@@ -115,7 +118,8 @@ def main(argv=None) -> int:
             },
         )
         levels.append(level)
-    payload = {"note": __doc__.split("\n\n")[0], "levels": levels}
+        runs_out += [{k: v for k, v in r.items() if k not in ("curve", "train_logs")} for r in chosen]
+    payload = {"note": __doc__.split("\n\n")[0], "levels": levels, "runs": runs_out}
     with open(os.path.join(args.out, "continuum_progress.json"), "w") as f:
         json.dump(payload, f, indent=1, default=float)
     lines = ["# Scale 1 progress (levels complete in the run cache)", ""]

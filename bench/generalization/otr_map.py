@@ -123,11 +123,17 @@ def _level(name: str, source: str, measures: dict, base: dict, runs: list[dict])
 def derive(results: str = RESULTS) -> dict[str, Any]:
     """The map from the result files under ``results`` (deterministic: no time stamps)."""
     levels, skipped, scopes = [], [], []
-    path = os.path.join(results, "continuum.json")
-    if os.path.exists(path):
+    seen: set[str] = set()  # level models already on the map (weights_sha1)
+    # continuum_progress.json: the levels of a scale-1 run still going (complete ones only)
+    for stem in ("continuum", "continuum_progress"):
+        path = os.path.join(results, f"{stem}.json")
+        if not os.path.exists(path):
+            continue
         payload = json.load(open(path))
-        source = "bench/results/continuum.json"
+        source = f"bench/results/{stem}.json"
         for lv in payload.get("levels", []):
+            if lv.get("complete") is False or lv.get("weights_sha1", "-") in seen:
+                continue
             base = lv.get("base", {})
             name = f"scale 1 level {lv['level']} (base in-domain {base.get(METRIC, NAN):.2f})"
             measures = _measures(lv.get("token_measures"))
@@ -137,6 +143,7 @@ def derive(results: str = RESULTS) -> dict[str, Any]:
             runs = [r for r in payload["runs"] if r.get("level") == lv["level"]]
             levels.append(_level(name, source, measures, base, runs))
             scopes.append("continuum")
+            seen.add(lv.get("weights_sha1", "-"))
     for path in sorted(glob.glob(os.path.join(results, "real_model*.json"))):
         payload = json.load(open(path))
         stem = os.path.splitext(os.path.basename(path))[0]
