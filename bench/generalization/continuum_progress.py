@@ -8,7 +8,8 @@ the base model's accuracies and token measures, the selected LRs, and each metho
 SFT with its paired-bootstrap 95% interval over seeds and test items (``stats.py``).
 Nothing is trained; runs of another base model (another ``weights_sha1``) are ignored.
 
-    python bench/generalization/continuum_progress.py   # -> bench/results/continuum_progress.{json,md}
+    python bench/generalization/continuum_progress.py
+    # -> bench/results/continuum_progress.json and .md
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def complete_level(runs: list[dict], methods: list[str], seeds: list[int]) -> li
             return None
         (lr,) = later
         picked = [r for r in runs if r["method"] == m and r["lr"] == lr and r["seed"] in seeds]
-        if sorted(r["seed"] for r in picked) != sorted(seeds) or any("items" not in r for r in picked):
+        if sorted(r["seed"] for r in picked) != sorted(seeds):
+            return None
+        if any("items" not in r for r in picked):
             return None
         chosen += [dict(r, setting="best_lr") for r in picked]
     return chosen
@@ -118,7 +121,8 @@ def main(argv=None) -> int:
             },
         )
         levels.append(level)
-        runs_out += [{k: v for k, v in r.items() if k not in ("curve", "train_logs")} for r in chosen]
+        drop = ("curve", "train_logs")
+        runs_out += [{k: v for k, v in r.items() if k not in drop} for r in chosen]
     payload = {"note": __doc__.split("\n\n")[0], "levels": levels, "runs": runs_out}
     with open(os.path.join(args.out, "continuum_progress.json"), "w") as f:
         json.dump(payload, f, indent=1, default=float)
