@@ -129,7 +129,7 @@ def test_scale2_cache_key_follows_the_task_and_the_retention_set() -> None:
     key = RunCache.key(scale2.run_identity(spec, cfg, ret))
     assert key == RunCache.key(scale2.run_identity(spec, dict(cfg), dict(ret)))
     changed = [
-        scale2.run_identity(tasks.TASKS["add2d1d"], cfg, ret),
+        scale2.run_identity(tasks.TASKS["add1d"], cfg, ret),
         scale2.run_identity(
             tasks.Task("add2d", tasks.Terms("+", (10, 48), (10, 49)), spec.ood, spec.note),
             cfg,

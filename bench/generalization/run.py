@@ -166,7 +166,7 @@ def main(argv=None) -> int:
 
         import plot
 
-        for name in ("continuum", "real_model", "real_model_add2d1d"):
+        for name in ("continuum", "real_model", "real_model_add2d", "real_model_add1d"):
             path = os.path.join(out, f"{name}.json")
             if os.path.exists(path):
                 payload = json.load(open(path))

@@ -332,11 +332,11 @@ QUICK = dict(
     snap_every=1,
 )
 # The methods per task. add2d (issue 11): OTR-exact, the zero-variance twin of
-# OTR-sampled (compared with it at scale 1), left out to fit the CPU budget. add2d1d
+# OTR-sampled (compared with it at scale 1), left out to fit the CPU budget. add1d
 # (issue 16): the five the issue names.
 TASK_METHODS = {
     "add2d": ["sft", "dft", "otr_sampled", "otr_mix0.1", "otr_mix0.3"],
-    "add2d1d": ["sft", "dft", "otr_sampled", "otr_exact", "otr_mix0.3"],
+    "add1d": ["sft", "dft", "otr_sampled", "otr_exact", "otr_mix0.3"],
 }
 SCALE2_METHODS = TASK_METHODS["add2d"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -357,8 +357,9 @@ PRESET_NOTE = "the LRs selected in issue 11 (64 validation items, earlier scorer
 
 
 def results_name(task: str) -> str:
-    """The results file stem of ``task`` (add2d keeps the earlier name)."""
-    return "real_model" if task == "add2d" else f"real_model_{task}"
+    """The results file stem (and run-cache folder) of ``task``; issue 11's add2d results
+    stay under "real_model"."""
+    return f"real_model_{task}"
 
 
 def run_identity(spec: tasks.Task, cfg: dict, retention: dict) -> dict:

@@ -12,6 +12,7 @@ earlier retention set re-read by the fixed scorer.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -40,8 +41,19 @@ def main() -> None:
     path = scale2.ensure_model(log)
     tok = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    target = os.path.join(scale2.RESULTS, "scale2_task_screen.json")
     out = {"model": os.path.basename(path), "max_new": scale2.MAX_NEW, "candidates": {}}
+    if os.path.exists(target):  # candidates already screened under the same settings
+        with open(target) as f:
+            saved = json.load(f)
+        if {k: saved.get(k) for k in ("model", "max_new")} == {
+            k: out[k] for k in out if k != "candidates"
+        }:
+            out["candidates"] = saved["candidates"]
     for name, terms in tasks.CANDIDATES.items():
+        done = out["candidates"].get(name)
+        if done and done["terms"] == json.loads(json.dumps(terms.describe())):
+            continue
         t0 = time.perf_counter()
         total = len(terms.problems())
         items = scale2.task_items(tasks.items(terms, min(N, total), 501))
@@ -54,6 +66,7 @@ def main() -> None:
             "lenient": round(scale2._mean(lenient), 4),
             "samples": [[x["question"], r] for x, r in zip(items[:4], replies[:4], strict=True)],
         }
+        common.write_json(target, out)
         log(f"{name}: {out['candidates'][name]} ({time.perf_counter() - t0:.0f} s)")
     keep, key = scale2.retention_set(base, tok, False, log)
     out["probe"] = {
@@ -78,7 +91,7 @@ def main() -> None:
         "replies": [[x["question"], r, s] for x, r, s in zip(old, replies, strict, strict=True)],
     }
     log(f"earlier set: { ({k: v for k, v in out['earlier_set'].items() if k != 'replies'}) }")
-    common.write_json(os.path.join(scale2.RESULTS, "scale2_task_screen.json"), out)
+    common.write_json(target, out)
 
 
 def _earlier_ok(reply: str, item: dict) -> bool:
