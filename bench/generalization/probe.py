@@ -230,6 +230,32 @@ NOUNS = (
     "village street corner circle square triangle"
 ).split()
 
+# More nouns (issue 16: the first screen kept 311 of 1023 candidates, short of 400; the
+# families the base answers best, first letters and plurals, were extended).
+NOUNS_MORE = (
+    "table chair sofa lamp clock phone radio camera tablet laptop keyboard screen "
+    "printer folder stapler eraser marker crayon brush canvas easel statue museum "
+    "theater cinema stadium temple palace cottage cabin barn stable fence gate porch roof "
+    "chimney garage cellar kitchen bedroom hallway closet drawer shelf cupboard fridge oven "
+    "stove sink faucet towel soap sponge broom mop vacuum laundry shirt trousers skirt dress "
+    "scarf glove sock shoe boot sandal slipper belt pocket collar sleeve zipper needle thread "
+    "yarn wool linen silk leather rubber metal steel iron nickel zinc glass wood stone brick "
+    "cement sand gravel soil clay mud dust smoke steam fog mist rain snow hail frost storm "
+    "wind tornado volcano canyon cliff cave hill lake pond stream ocean beach coast bay gulf "
+    "reef wave tide shell crab lobster oyster salmon trout tuna cod eel frog toad lizard snake "
+    "crocodile camel giraffe hippo rhino panda koala kangaroo wolf fox bear deer moose goat "
+    "sheep cow pig duck goose turkey chicken rooster owl hawk crow robin swan penguin bat mole "
+    "rat hamster puppy lamb calf pony mule bee wasp ant fly moth worm snail slug"
+).split()
+# Nouns without a plural of their own, or with one that is not noun + "s".
+NO_REGULAR_PLURAL = set(
+    "sugar honey coffee butter cheese bread silver copper marble cotton velvet paper "
+    "plastic thunder lightning rain snow hail frost wind fog mist smoke steam dust mud clay "
+    "soil sand gravel cement wool linen silk leather rubber metal steel iron nickel zinc "
+    "glass wood stone brick laundry garlic bamboo sheep deer moose salmon trout tuna cod "
+    "trousers mouse goose".split()
+)
+
 CAPS_WORDS = (
     "banana table river cloud music water green happy simple garden pencil window "
     "orange yellow planet silver rabbit dragon winter summer coffee cookie butter bread "
@@ -318,6 +344,11 @@ def _facts() -> list[dict[str, str]]:
     for word, plural in PLURALS.items():
         question = f"What is the plural of {word}? Answer in one word."
         out.append(_item("words", question, plural, "word"))
+    for noun in dict.fromkeys(NOUNS + NOUNS_MORE):
+        regular = not noun.endswith(("s", "x", "y", "ch", "sh", "o", "f", "fe", "us", "z"))
+        if regular and noun not in NO_REGULAR_PLURAL and noun not in PLURALS:
+            question = f"What is the plural of {noun}? Answer in one word."
+            out.append(_item("words", question, noun + "s", "word"))
     for n, word in NUMBER_WORDS.items():
         out.append(_item("numword", f"Write the number {n} in words.", word, "word"))
         out.append(_item("numword", f'What number is "{word}"? Reply with digits.', str(n), "num"))
@@ -336,7 +367,7 @@ def _letters() -> list[dict[str, str]]:
         if before and before not in "AI":
             q = f"Which letter comes right before {letter} in the English alphabet?"
             out.append(_item("letter", q, before, "letter"))
-    for noun in NOUNS:
+    for noun in dict.fromkeys(NOUNS + NOUNS_MORE):
         if noun[0] not in "ai":
             q = f'What is the first letter of the word "{noun}"?'
             out.append(_item("letter", q, noun[0].upper(), "letter"))

@@ -277,27 +277,33 @@ def _digest(obj) -> str:
 
 
 def screen(model, tok, items: list[dict], path: str | None, key: dict, log) -> list[dict]:
-    """The base model's strict/lenient correctness on ``items``, read from ``path`` when
-    it was screened under the same ``key`` (model, items, reply length, scorer version),
-    else measured once and written there. Returns one record per item."""
+    """The base model's strict/lenient correctness on ``items``, one record per item.
+
+    Replies are kept in ``path`` with the ``key`` they were generated under (model, reply
+    length); items already answered there are not asked again (greedy decoding), only
+    new ones are, and every verdict is recomputed from its reply with the current scorer.
+    """
+    replies: dict[str, str] = {}
     if path and os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        if saved.get("key") == key:
-            return saved["items"]
-    t0 = time.perf_counter()
-    strict, lenient, replies = score(model, tok, items, MAX_NEW["probe"])
-    records = [
-        {
-            **{k: x[k] for k in ("family", "question", "answer", "scorer")},
-            "strict": s,
-            "lenient": n,
-            "reply": r,
-        }
-        for x, s, n, r in zip(items, strict, lenient, replies, strict=True)
-    ]
-    log(f"  screened {len(items)} items in {time.perf_counter() - t0:.0f} s")
-    if path:
+        if {k: saved["key"].get(k) for k in ("model", "max_new")} == {
+            k: key[k] for k in ("model", "max_new")
+        }:
+            replies = {r["question"]: r["reply"] for r in saved["items"]}
+    new = [x for x in items if x["question"] not in replies]
+    if new:
+        t0 = time.perf_counter()
+        answers = generate(model, tok, [x["question"] for x in new], max_new=MAX_NEW["probe"])
+        replies.update(zip([x["question"] for x in new], answers, strict=True))
+        log(f"  screened {len(new)} new items in {time.perf_counter() - t0:.0f} s")
+    records = []
+    for x in items:
+        reply = replies[x["question"]]
+        record = {k: x[k] for k in ("family", "question", "answer", "scorer")}
+        strict, lenient = scoring.ok(reply, x), scoring.ok(reply, x, lenient=True)
+        records.append({**record, "strict": strict, "lenient": lenient, "reply": reply})
+    if path and new:
         write_json(path, {"key": key, "items": records})
     return records
 
@@ -394,7 +400,8 @@ def retention_set(base, tok, quick: bool, log) -> tuple[list[dict], dict]:
         "scorer": SCALE2_VERSION,
     }
     path = None if quick else os.path.join(RESULTS, "retention_screen.json")
-    records = screen(base, tok, pool, path, key, log)
+    # the verdicts need the family answers a strict reply must not also give
+    records = screen(base, tok, probe.family_others(pool), path, key, log)
     kept = [x for x, r in zip(pool, records, strict=True) if r["strict"]]
     kept = kept or pool[:2]  # quick mode on a tiny pool: keep something to score
     return probe.family_others(kept), {**key, "kept": _digest([x["question"] for x in kept])}

@@ -50,6 +50,8 @@ def main() -> None:
             k: out[k] for k in out if k != "candidates"
         }:
             out["candidates"] = saved["candidates"]
+            if "earlier_set" in saved:
+                out["earlier_set"] = saved["earlier_set"]
     for name, terms in tasks.CANDIDATES.items():
         done = out["candidates"].get(name)
         if done and done["terms"] == json.loads(json.dumps(terms.describe())):
@@ -75,6 +77,9 @@ def main() -> None:
         "kept_by_family": dict(Counter(x["family"] for x in keep)),
     }
     log(f"probe: {out['probe']}")
+    if "earlier_set" in out:  # measured already under the same model and reply lengths
+        common.write_json(target, out)
+        return
     old, dropped = scale2.old_retention_items()
     strict, lenient, replies = scale2.score(base, tok, old, scale2.MAX_NEW["probe"])
     short = scale2.generate(base, tok, [x["question"] for x in old], max_new=16)
