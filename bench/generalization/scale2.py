@@ -475,6 +475,8 @@ def run(
             sel = [i for i, x in enumerate(keep) if x["family"] == fam]
             out[f"retention_{fam}"] = _mean(strict[i] for i in sel)
             out[f"retention_{fam}_lenient"] = _mean(lenient[i] for i in sel)
+        # every family weighted alike (the pooled mean leans on the largest families)
+        out["retention_family_mean"] = _mean(out[f"retention_{fam}"] for fam in families)
         if old:
             strict, lenient, _ = score(model, tok, old, MAX_NEW["probe"])
             for fam in ("old_mul", "old_fact"):
