@@ -605,11 +605,13 @@ def run(
         """The folder of a best-LR run's adapter snapshots (``step<k>`` inside)."""
         return os.path.join(adapters, RunCache.key(full_config(method, lr, seed)))
 
+    done: dict[str, dict] = {}
+
     def full_eval(method, lr: float, seed: int) -> dict:
         """A best-LR run: trained with snapshots (its adapter kept), fully evaluated at the
         end (cached). Its train record is its own, not the sweep's (they share a config)."""
         config = full_config(method, lr, seed)
-        cached = cache.get(config)
+        cached = done.get(RunCache.key(config)) or cache.get(config)
         if cached is not None:
             return cached
         folder = snapshots(method, lr, seed)
@@ -617,6 +619,7 @@ def run(
         metrics, eval_s = evaluate_adapter(os.path.join(folder, f"step{cfg['steps']}"))
         result = {**run, **metrics, "eval_s": eval_s}
         cache.put(config, result)
+        done[RunCache.key(config)] = result  # quick mode has no cache: never train twice
         log(
             f"  full eval {method.name:12s} lr={lr:g} seed={seed}: id={result['in_domain']:.3f} "
             f"ood={result['ood']:.3f} ret={result['retention']:.3f} "
