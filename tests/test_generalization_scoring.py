@@ -185,3 +185,29 @@ def test_bootstrap_reads_per_item_records() -> None:
     assert r["n_seeds"] == 3 and r["n_items"] == 200 and r["mean"] == pytest.approx(0.5)
     assert r["verdict"] == "win"
     assert "dft" in stats.bootstrap_table(runs, ["in_domain"])
+
+
+def test_the_screen_asks_only_new_items(tmp_path: Path, monkeypatch) -> None:
+    """Replies are kept; a rerun with more items generates only the new ones, and every
+    verdict comes from the current scorer."""
+    pytest.importorskip("peft")
+    import scale2
+
+    asked: list[list[str]] = []
+
+    def fake_generate(model, tok, questions, max_new, batch=64):
+        asked.append(list(questions))
+        return ["7 * 8 = 56" if "7 * 8" in q else "I am not sure." for q in questions]
+
+    monkeypatch.setattr(scale2, "generate", fake_generate)
+    first = [probe._item("mul", "Calculate 7 * 8.", "56", "num")]
+    second = first + [probe._item("mul", "Calculate 6 * 8.", "48", "num")]
+    key = {"model": "m", "max_new": 48, "pool": "x"}
+    path = str(tmp_path / "screen.json")
+    got = scale2.screen(None, None, first, path, key, log=lambda m: None)
+    assert [r["strict"] for r in got] == [True]
+    got = scale2.screen(None, None, second, path, {**key, "pool": "y"}, log=lambda m: None)
+    assert asked == [["Calculate 7 * 8."], ["Calculate 6 * 8."]]
+    assert [(r["strict"], r["lenient"]) for r in got] == [(True, True), (False, False)]
+    scale2.screen(None, None, second, path, {**key, "max_new": 32}, log=lambda m: None)
+    assert len(asked) == 3 and len(asked[-1]) == 2  # another reply length: asked again
