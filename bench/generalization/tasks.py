@@ -1,0 +1,143 @@
+"""Scale-2 fine-tuning tasks: two-term arithmetic in the model's own reply format.
+
+A task is asked as "Calculate a + b. Reply with only the equation and its result." and
+its target is the model's own format, "a + b = c" (its tokens are already likely under
+SmolLM2-135M-Instruct). ``TASKS`` are the ones scale 2 fine-tunes; ``CANDIDATES`` are
+those screened with the base model before any fine-tuning (``screen_tasks.py``).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+SUFFIX = " Reply with only the equation and its result."
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+CALCULATE = "Calculate {a} {op} {b}."
+# Ways of asking one-digit sums: 81 sums are too few problems for 200 validation, 200
+# test and 400 training items, 81 sums x 10 phrasings are not.
+PHRASINGS = (
+    CALCULATE,
+    "What is {a} {op} {b}?",
+    "What is {a} plus {b}?",
+    "Add {a} and {b}.",
+    "What is the sum of {a} and {b}?",
+    "Compute {a} {op} {b}.",
+    "Find {a} {op} {b}.",
+    "How much is {a} plus {b}?",
+    "Work out {a} {op} {b}.",
+    "Evaluate {a} {op} {b}.",
+)
+
+
+@dataclass(frozen=True)
+class Terms:
+    """Two operands drawn from ``first`` and ``second`` (inclusive ranges); with
+    ``both_orders`` the two are swapped half of the time ("7 + 45" and "45 + 7"); asked
+    in one of ``phrasings`` (a problem is a phrasing and its two operands)."""
+
+    op: str
+    first: tuple[int, int]
+    second: tuple[int, int]
+    both_orders: bool = False
+    phrasings: tuple[str, ...] = (CALCULATE,)
+
+    def problems(self) -> set[tuple[int, int, int]]:
+        """Every distinct (phrasing index, a, b) this draws."""
+        pairs = {
+            (a, b)
+            for a in range(self.first[0], self.first[1] + 1)
+            for b in range(self.second[0], self.second[1] + 1)
+        }
+        pairs = pairs | {(b, a) for a, b in pairs} if self.both_orders else pairs
+        return {(t, a, b) for t in range(len(self.phrasings)) for a, b in pairs}
+
+    def question(self, t: int, a: int, b: int) -> str:
+        return self.phrasings[t].format(a=a, op=self.op, b=b) + SUFFIX
+
+    def describe(self) -> dict:
+        out = {"op": self.op, "first": self.first, "second": self.second, "both": self.both_orders}
+        if self.phrasings != (CALCULATE,):  # single-phrasing keys stay as they were
+            out["phrasings"] = self.phrasings
+        return out
+
+
+def items(
+    terms: Terms, n: int, seed: int, exclude: set[str] = frozenset()
+) -> list[tuple[str, str]]:
+    """``n`` distinct (question, target "a op b = c") drawn from ``terms`` with ``seed``,
+    none of them in ``exclude``. Refuses (ValueError) when fewer than ``n`` distinct
+    problems are left, instead of drawing forever."""
+    left = {terms.question(*p) for p in terms.problems()} - set(exclude)
+    if n > len(left):
+        raise ValueError(
+            f"{terms} holds {len(left)} distinct problems outside the excluded ones; {n} were asked"
+        )
+    rng = random.Random(seed)
+    seen, out = set(exclude), []
+    while len(out) < n:  # ends: at least n unseen problems remain, each drawn with p > 0
+        a, b = rng.randint(*terms.first), rng.randint(*terms.second)
+        if terms.both_orders and rng.random() < 0.5:
+            a, b = b, a
+        t = rng.randrange(len(terms.phrasings)) if len(terms.phrasings) > 1 else 0
+        q = terms.question(t, a, b)
+        if q not in seen:
+            seen.add(q)
+            out.append((q, f"{a} {terms.op} {b} = {OPS[terms.op](a, b)}"))
+    return out
+
+
+@dataclass(frozen=True)
+class Task:
+    """A fine-tuning task: in-domain and OOD problems, and the seeds of its data sets."""
+
+    name: str
+    in_domain: Terms
+    ood: Terms
+    note: str
+    seeds: tuple[int, int, int, int] = (301, 302, 303, 10_000)  # val, test, ood, train + seed
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "in_domain": self.in_domain.describe(),
+            "ood": self.ood.describe(),
+            "prompt_suffix": SUFFIX,
+            "seeds": self.seeds,
+        }
+
+
+TASKS = {
+    # The half-known task (issue 11): the base gets about a third of these sums right.
+    "add2d": Task(
+        "add2d",
+        Terms("+", (10, 49), (10, 49)),
+        Terms("+", (50, 99), (50, 99)),
+        "two numbers 10-49; OOD both 50-99 (the sum carries into the hundreds)",
+    ),
+    # The model-strong end (issue 16), chosen by the screen in screen_tasks.py: one-digit
+    # sums asked in ten phrasings; OOD the same skill one digit longer.
+    "add1d": Task(
+        "add1d",
+        Terms("+", (1, 9), (1, 9), phrasings=PHRASINGS),
+        Terms("+", (10, 99), (1, 9), both_orders=True),
+        "one-digit sums 1-9 asked in ten phrasings; OOD a two-digit and a one-digit "
+        "number, either order",
+        seeds=(401, 402, 403, 20_000),
+    ),
+}
+
+# Screened with the base model before any fine-tuning (screen_tasks.py; add2d's base
+# score is in its own runs); the scale-2 protocol needs >= 800 distinct problems (200
+# validation, 200 test, 400 training).
+CANDIDATES = {
+    "add1d": Terms("+", (1, 9), (1, 9)),
+    "mul1d": Terms("*", (2, 9), (2, 9)),
+    "add2d1d": Terms("+", (10, 99), (1, 9), both_orders=True),
+    "add1d_phrased": Terms("+", (1, 9), (1, 9), phrasings=PHRASINGS),
+    "mul1d_phrased": Terms("*", (2, 9), (2, 9), phrasings=PHRASINGS[:2] + PHRASINGS[5:7]),
+    "add2d1d_ordered": Terms("+", (10, 99), (1, 9)),
+    "sub2d1d": Terms("-", (10, 99), (1, 9)),
+}

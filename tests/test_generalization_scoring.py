@@ -1,0 +1,213 @@
+"""The generalization benchmark's scorers, item generators, retention probe, cache keys
+and paired bootstrap (bench/generalization; issue 16). No model is loaded."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench" / "generalization"))
+
+import probe  # noqa: E402
+import scoring  # noqa: E402
+import stats  # noqa: E402
+import tasks  # noqa: E402
+from common import RunCache  # noqa: E402
+
+
+def test_an_operand_at_the_end_of_a_cut_reply_is_no_answer() -> None:
+    """The issue-16 artifact: "To calculate 7 * 0, we need" was credited for 0."""
+    assert not scoring.num_ok("To calculate 7 * 0, we need", "0")
+    assert not scoring.num_ok("To calculate 7 * 0, we need", "0", lenient=True)
+    assert not scoring.num_ok("7 * 0 = 7", "0", lenient=True)  # the operand is not stated
+
+
+@pytest.mark.parametrize(
+    "reply, answer, strict, lenient",
+    [
+        ("7 * 8 = 56", "56", True, True),
+        ("56", "56", True, True),
+        ("**56**", "56", True, True),
+        ("The answer is 56.", "56", True, True),
+        ("There are 180 minutes in 3 hours.", "180", True, True),
+        ("2 kilograms = 2,000 grams", "2000", True, True),
+        ("18 + 26 = 44.0", "44", True, True),
+        ("Let me see.\n7 * 8 = 56", "56", False, True),  # right, but not on the first line
+        ("= 56 + 3 = 59", "56", False, False),  # 56 is an operand of a further sum
+        ("7 * 8 = 54", "56", False, False),
+        ("", "56", False, False),
+    ],
+)
+def test_numbers_count_only_where_stated(reply, answer, strict, lenient) -> None:
+    assert scoring.num_ok(reply, answer) is strict
+    assert scoring.num_ok(reply, answer, lenient=True) is lenient
+
+
+def test_words_and_letters() -> None:
+    others = frozenset({"rome", "madrid"})
+    assert scoring.word_ok("The capital of France is Paris.", "paris", others=others)
+    assert not scoring.word_ok("Paris, Rome or Madrid.", "paris", others=others)  # guesses
+    assert scoring.word_ok("Paris, Rome or Madrid.", "paris", lenient=True, others=others)
+    assert scoring.letter_ok("The letter after B is C.", "C", others=frozenset("DE"))
+    assert not scoring.letter_ok("C, D, E", "C", others=frozenset("DE"))
+    assert scoring.letter_ok("The first letter of garden is 'g'.", "G")
+    assert not scoring.letter_ok("It's a house.", "S")  # a contraction's tail is no letter
+    assert scoring.word_case_ok("BANANA", "BANANA")
+    assert not scoring.word_case_ok("banana", "BANANA")
+    with pytest.raises(ValueError, match="unknown scorer"):
+        scoring.ok("x", {"scorer": "nope", "answer": "x"})
+
+
+def test_task_items_refuse_a_range_too_small() -> None:
+    terms = tasks.Terms("+", (1, 2), (1, 2))  # 4 distinct problems
+    got = tasks.items(terms, 4, seed=0)
+    assert len({q for q, _ in got}) == 4
+    assert all(t.split("=")[-1].strip() == str(eval(t.split("=")[0])) for _, t in got)
+    with pytest.raises(ValueError, match="holds 4 distinct problems"):
+        tasks.items(terms, 5, seed=0)
+    with pytest.raises(ValueError, match="holds 3 distinct"):
+        tasks.items(terms, 4, seed=0, exclude={got[0][0]})
+    both = tasks.Terms("+", (10, 11), (1, 1), both_orders=True)
+    assert len(both.problems()) == 4 and len(tasks.items(both, 4, seed=1)) == 4
+
+
+def test_scale1_unique_set_refuses_a_range_too_small() -> None:
+    from scale1 import unique_set
+
+    def gen_small(rng):
+        a = rng.randint(1, 3)
+        return f"{a}=", str(a)
+
+    assert len(unique_set(gen_small, 3, seed=0)) == 3
+    with pytest.raises(ValueError, match="gen_small gave 3 distinct problems"):
+        unique_set(gen_small, 4, seed=0)
+
+
+def test_every_scale2_task_has_room_for_its_splits() -> None:
+    """200 validation + 200 test + 400 training problems, all distinct."""
+    for task in tasks.TASKS.values():
+        assert len(task.in_domain.problems()) >= 800, task.name
+
+
+def test_the_committed_probe_pool_is_what_the_generator_makes() -> None:
+    pool = probe.load_pool()  # raises if the committed file and the generator differ
+    families = {x["family"] for x in pool}
+    assert len(families) >= 5 and len(pool) >= 1000
+    assert len({x["question"] for x in pool}) == len(pool)
+    assert all(x["scorer"] in scoring.SCORERS for x in pool)
+    assert not any("+" in x["question"] for x in pool)  # addition is what scale 2 trains
+    with pytest.raises(ValueError, match="answer is an operand"):
+        probe._check_not_degenerate([probe._item("mul", "Calculate 7 * 1.", "7", "num")])
+
+
+def test_the_retention_screen_keeps_400_items_from_5_families() -> None:
+    path = ROOT / "bench" / "results" / "retention_screen.json"
+    if not path.exists():
+        pytest.skip("the base-model screen has not been run (screen_tasks.py)")
+    saved = json.loads(path.read_text())
+    pool = probe.load_pool()
+    assert saved["key"]["pool"] == probe.pool_hash(pool)
+    assert [r["question"] for r in saved["items"]] == [x["question"] for x in pool]
+    for r, x in zip(saved["items"], probe.family_others(pool), strict=True):
+        assert r["strict"] == scoring.ok(r["reply"], x)  # the scorer's verdict on the reply
+    kept = [r for r in saved["items"] if r["strict"]]
+    assert len(kept) >= 400 and len({r["family"] for r in kept}) >= 5
+
+
+def test_scale2_cache_key_follows_the_task_and_the_retention_set() -> None:
+    pytest.importorskip("peft")
+    import scale2
+
+    cfg = dict(scale2.FULL)
+    spec = tasks.TASKS["add2d"]
+    ret = {"kept": "abc", "n": 400}
+    key = RunCache.key(scale2.run_identity(spec, cfg, ret))
+    assert key == RunCache.key(scale2.run_identity(spec, dict(cfg), dict(ret)))
+    changed = [
+        scale2.run_identity(tasks.TASKS["add1d"], cfg, ret),
+        scale2.run_identity(
+            tasks.Task("add2d", tasks.Terms("+", (10, 48), (10, 49)), spec.ood, spec.note),
+            cfg,
+            ret,
+        ),
+        scale2.run_identity(
+            tasks.Task("add2d", spec.in_domain, spec.ood, spec.note, (1, 302, 303, 10_000)),
+            cfg,
+            ret,
+        ),
+        scale2.run_identity(spec, {**cfg, "n_ood": 100}, ret),
+        scale2.run_identity(spec, {**cfg, "lora_r": 8}, ret),
+        scale2.run_identity(spec, cfg, {**ret, "kept": "abd"}),
+    ]
+    assert len({RunCache.key(c) for c in changed} | {key}) == len(changed) + 1
+
+
+def test_scale1_cache_keys_unchanged() -> None:
+    """Every committed scale-1 run is still found under its file name (the coordinator's
+    experiment reuses them)."""
+    files = sorted((ROOT / "bench" / "results" / "runs" / "continuum").glob("*.json"))
+    if not files:
+        pytest.skip("no committed scale-1 runs")
+    for f in files:
+        assert RunCache.key(json.loads(f.read_text())["config"]) == f.stem, f.name
+
+
+def test_paired_bootstrap() -> None:
+    rng = np.random.default_rng(0)
+    sft = (rng.random((3, 400)) < 0.5).astype(float)
+    same = stats.paired_bootstrap(sft, sft)
+    assert same["mean"] == 0 and same["lo"] == 0 and same["hi"] == 0
+    assert same["verdict"] == "no difference"
+    better = np.maximum(sft, (rng.random((3, 400)) < 0.3))  # +~15 points on every seed
+    win = stats.paired_bootstrap(better, sft)
+    assert win["verdict"] == "win" and 0 < win["lo"] < win["mean"] < win["hi"]
+    assert stats.paired_bootstrap(sft, better)["verdict"] == "loss"
+    noise = (rng.random((3, 400)) < 0.5).astype(float)  # another draw of the same accuracy
+    wide = stats.paired_bootstrap(noise, sft)  # true difference 0: inside, ~8 points wide
+    assert wide["lo"] < 0 < wide["hi"] and 0.03 < wide["hi"] - wide["lo"] < 0.25
+    assert wide["verdict"] == "no difference"
+    with pytest.raises(ValueError, match="equal"):
+        stats.paired_bootstrap(sft, sft[:, :10])
+
+
+def test_bootstrap_reads_per_item_records() -> None:
+    runs = [
+        {"setting": "best_lr", "method": m, "seed": s, "items": {"in_domain": bits}}
+        for s in range(3)
+        for m, bits in (("sft", "0011" * 50), ("dft", "1111" * 50))
+    ]
+    r = stats.versus_sft(runs, "best_lr", "dft", "in_domain")
+    assert r["n_seeds"] == 3 and r["n_items"] == 200 and r["mean"] == pytest.approx(0.5)
+    assert r["verdict"] == "win"
+    assert "dft" in stats.bootstrap_table(runs, ["in_domain"])
+
+
+def test_the_screen_asks_only_new_items(tmp_path: Path, monkeypatch) -> None:
+    """Replies are kept; a rerun with more items generates only the new ones, and every
+    verdict comes from the current scorer."""
+    pytest.importorskip("peft")
+    import scale2
+
+    asked: list[list[str]] = []
+
+    def fake_generate(model, tok, questions, max_new, batch=64):
+        asked.append(list(questions))
+        return ["7 * 8 = 56" if "7 * 8" in q else "I am not sure." for q in questions]
+
+    monkeypatch.setattr(scale2, "generate", fake_generate)
+    first = [probe._item("mul", "Calculate 7 * 8.", "56", "num")]
+    second = first + [probe._item("mul", "Calculate 6 * 8.", "48", "num")]
+    key = {"model": "m", "max_new": 48, "pool": "x"}
+    path = str(tmp_path / "screen.json")
+    got = scale2.screen(None, None, first, path, key, log=lambda m: None)
+    assert [r["strict"] for r in got] == [True]
+    got = scale2.screen(None, None, second, path, {**key, "pool": "y"}, log=lambda m: None)
+    assert asked == [["Calculate 7 * 8."], ["Calculate 6 * 8."]]
+    assert [(r["strict"], r["lenient"]) for r in got] == [(True, True), (False, False)]
+    scale2.screen(None, None, second, path, {**key, "max_new": 32}, log=lambda m: None)
+    assert len(asked) == 3 and len(asked[-1]) == 2  # another reply length: asked again
