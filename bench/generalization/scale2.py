@@ -101,7 +101,8 @@ FACTS = [
 # The converter, shared with `make demo` (examples/smollm2/smollm2_model.py).
 import sys  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples", "smollm2"))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "examples", "smollm2"))
 from smollm2_model import (  # noqa: E402, F401  (names this module has always offered)
     EOS,
     MODEL_DIR,
