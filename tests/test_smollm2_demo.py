@@ -18,7 +18,7 @@ SMOLLM2 = REPO / "examples" / "smollm2"
 sys.path.insert(0, str(SMOLLM2))
 import demo  # noqa: E402
 import smollm2_model  # noqa: E402
-import tasks  # noqa: E402
+import smollm2_tasks as tasks  # noqa: E402
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1"}
 
@@ -197,7 +197,7 @@ def test_more_training_problems_than_the_task_has_stops_with_one_line(tmp_path, 
 def test_the_evaluator_names_a_missing_data_file_and_model(tmp_path):
     def evaluate(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, str(SMOLLM2 / "evaluate.py"), *args],
+            [sys.executable, str(SMOLLM2 / "smollm2_eval.py"), *args],
             cwd=REPO,
             env={**os.environ, **OFFLINE_ENV},
             capture_output=True,

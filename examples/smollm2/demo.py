@@ -32,7 +32,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-import tasks  # noqa: E402
+import smollm2_tasks as tasks  # noqa: E402
 from smollm2_model import SetupError, ensure_model  # noqa: E402
 
 CONFIG = ROOT / "examples" / "configs" / "smollm2-135m-otr-lora.yml"
@@ -101,7 +101,7 @@ def prepare(cfg: dict, data_dir: Path, sizes: dict[str, int], log) -> dict[str, 
 
 def fingerprint(model_dir: Path, sets: dict[str, list[dict]]) -> str:
     """Names what the scores depend on (model weights' config, held-out items, scorer)."""
-    import evaluate
+    import smollm2_eval as evaluate
 
     digest = hashlib.sha256((model_dir / "config.json").read_bytes())
     digest.update((model_dir / "model.safetensors").read_bytes()[: 1 << 20])
@@ -115,7 +115,7 @@ def start_base_scoring(model_dir: Path, sets: dict, data_dir: Path, threads: int
     """Start scoring the base model in the background (it runs next to `axolotl train`);
     return (the function that waits for its scores, the function that cancels it).
     Cached in the data folder under the scores' fingerprint."""
-    import evaluate
+    import smollm2_eval as evaluate
 
     key = fingerprint(model_dir, sets)
     cache = data_dir / "base_scores.json"
@@ -268,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
     if args.prepare_only:
         log(f"ready: axolotl train {args.config}")
         return 0
-    import evaluate
+    import smollm2_eval as evaluate
 
     # Two cores' worth of work at every moment, one OpenMP pool per core-share: the base
     # model is scored while `axolotl train` runs (see evaluate.Scoring).
