@@ -68,14 +68,9 @@ def complete_level(runs: list[dict], methods: list[str], seeds: list[int]) -> li
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument(
-        "--workdir",
-        default=os.path.join(
-            os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
-            "axolotl-otr",
-            "generalization",
-        ),
-    )
+    from run import WORKDIR
+
+    ap.add_argument("--workdir", default=WORKDIR)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--cache", default=os.path.join(ROOT, "bench", "results", "runs", "continuum"))
     args = ap.parse_args(argv)

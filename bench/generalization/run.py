@@ -37,6 +37,15 @@ BOOTSTRAP_METRICS = (
 )
 
 
+# Outside the work tree, so a later session on the same machine finds the base models and
+# converted checkpoints again (the run cache itself is committed).
+WORKDIR = os.path.join(
+    os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+    "axolotl-otr",
+    "generalization",
+)
+
+
 def log(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
@@ -112,16 +121,7 @@ def main(argv=None) -> int:
         default=None,
         help="results folder (default bench/results; --quick: a temporary folder)",
     )
-    # Outside the work tree, so a later session on the same machine finds the base models
-    # and converted checkpoints again (the run cache itself is committed).
-    ap.add_argument(
-        "--workdir",
-        default=os.path.join(
-            os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
-            "axolotl-otr",
-            "generalization",
-        ),
-    )
+    ap.add_argument("--workdir", default=WORKDIR)
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument(
         "--report-only",
