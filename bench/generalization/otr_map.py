@@ -132,7 +132,8 @@ def derive(results: str = RESULTS) -> dict[str, Any]:
         payload = json.load(open(path))
         source = f"bench/results/{stem}.json"
         for lv in payload.get("levels", []):
-            if lv.get("complete") is False or lv.get("weights_sha1", "-") in seen:
+            sha = lv.get("weights_sha1")
+            if lv.get("complete") is False or (sha is not None and sha in seen):
                 continue
             base = lv.get("base", {})
             name = f"scale 1 level {lv['level']} (base in-domain {base.get(METRIC, NAN):.2f})"
@@ -143,7 +144,8 @@ def derive(results: str = RESULTS) -> dict[str, Any]:
             runs = [r for r in payload["runs"] if r.get("level") == lv["level"]]
             levels.append(_level(name, source, measures, base, runs))
             scopes.append("continuum")
-            seen.add(lv.get("weights_sha1", "-"))
+            if sha is not None:
+                seen.add(sha)
     for path in sorted(glob.glob(os.path.join(results, "real_model*.json"))):
         payload = json.load(open(path))
         stem = os.path.splitext(os.path.basename(path))[0]
