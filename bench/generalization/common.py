@@ -478,7 +478,8 @@ def summarize(runs: list[dict[str, Any]], keys=("in_domain", "ood", "retention")
     """Mean and sample std over seeds, grouped by (prior level, setting, method)."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        lr = run.get("lr") if run.get("setting") == "sweep" else None  # sweep: one row per LR
+        # sweep and trade-off runs: one row per LR
+        lr = run.get("lr") if run.get("setting") in ("sweep", "tradeoff") else None
         key = (run.get("level"), run.get("setting", ""), run["method"], lr)
         groups.setdefault(key, []).append(run)
     rows = []

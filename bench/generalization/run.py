@@ -73,9 +73,9 @@ def _tables(out: str, name: str, payload: dict) -> None:
             "base model before fine-tuning: " + ", ".join(f"{k}={v}" for k, v in base.items()),
             "",
         ]
-    for setting in ("best_lr", "equal_time"):
-        if not any(r.get("setting") == setting for r in payload["runs"]):
-            continue
+    settings = [s for s in dict.fromkeys(r.get("setting") for r in payload["runs"]) if s]
+    compared = [s for s in settings if s not in ("sweep", "tradeoff")]  # one LR per method
+    for setting in compared:
         for metric in common.METRICS:
             text += [
                 f"## {metric}, method - SFT (paired by seed), setting {setting}",
@@ -86,7 +86,7 @@ def _tables(out: str, name: str, payload: dict) -> None:
     metrics = [
         m for m in BOOTSTRAP_METRICS if any(m in r.get("items", {}) for r in payload["runs"])
     ]
-    for setting in ("best_lr", "equal_time") if metrics else ():
+    for setting in compared if metrics else ():
         text += [
             f"## method - SFT, 95% paired bootstrap over seeds and items, setting {setting}",
             "",
@@ -143,23 +143,46 @@ def main(argv=None) -> int:
         action="store_true",
         help="scale 2 only: no LR sweep, the task's earlier selected LRs (scale2.EARLIER_LR)",
     )
+    ap.add_argument(
+        "--forgetting",
+        action="store_true",
+        help="scale 2 only: the forgetting runs (scale2.FORGETTING_METHODS at the task's "
+        "earlier selected LRs, 3x the steps, read at 100, 200 and 300)",
+    )
+    ap.add_argument(
+        "--tradeoff",
+        action="store_true",
+        help="scale 2 only: also fully evaluate every swept (method, LR) on seed 0",
+    )
     args = ap.parse_args(argv)
     scale = args.scale or ("1" if args.quick else "all")
     only = args.methods.split(",") if args.methods else None
-    scale2_only = only is not None or args.task != "add2d" or args.preset_lr
+    scale2_only = (
+        only is not None
+        or args.task != "add2d"
+        or args.preset_lr
+        or args.forgetting
+        or args.tradeoff
+    )
     if scale2_only:  # checked before any work: a typo must not cost a scale-1 run
         import scale2
 
         if scale != "2":
-            ap.error("--methods, --task and --preset-lr are for scale 2 only: add --scale 2")
+            ap.error(
+                "--methods, --task, --preset-lr, --forgetting and --tradeoff are for scale 2 "
+                "only: add --scale 2"
+            )
         if args.task not in scale2.TASK_METHODS:
             ap.error(f"--task: unknown {args.task!r}; choose from {sorted(scale2.TASK_METHODS)}")
         choices = scale2.TASK_METHODS[args.task]
         unknown = set(only or ()) - set(choices)
         if unknown:
             ap.error(f"--methods: unknown {sorted(unknown)}; choose from {choices}")
-        if args.preset_lr and args.task not in scale2.EARLIER_LR:
-            ap.error(f"--preset-lr: task {args.task} has no earlier selected LRs")
+        for flag, given in (("--preset-lr", args.preset_lr), ("--forgetting", args.forgetting)):
+            if given and args.task not in scale2.EARLIER_LR:
+                ap.error(f"{flag}: task {args.task} has no earlier selected LRs")
+        if args.forgetting and args.tradeoff:
+            ap.error("--tradeoff reads the sweep, which the forgetting runs do not have")
     common.set_threads()
     out = args.out or (
         tempfile.mkdtemp(prefix="otr_gen_")
@@ -175,13 +198,16 @@ def main(argv=None) -> int:
 
         import plot
 
-        for name in ("continuum", "real_model", "real_model_add2d", "real_model_add1d"):
+        names = ("continuum", "real_model", "real_model_add2d", "real_model_add1d")
+        for name in (*names, "real_model_add2d_forgetting"):
             path = os.path.join(out, f"{name}.json")
             if os.path.exists(path):
                 payload = json.load(open(path))
                 _save(out, name, payload)
                 log(f"{name}:\n" + common.table(payload["summary"]))
-        log(f"wrote {plot.plot(out)}")
+        import views
+
+        log(f"wrote {plot.plot(out)} {views.plot_all(out)}")
         return 0
     cache_dir = os.path.join(out, "runs")
     if scale in ("1", "all"):
@@ -193,8 +219,9 @@ def main(argv=None) -> int:
     if scale in ("2", "all"):
         import scale2
 
-        name = scale2.results_name(args.task)
-        preset = scale2.EARLIER_LR[args.task] if args.preset_lr else None
+        mode = "forgetting" if args.forgetting else "main"
+        name = scale2.results_name(args.task, mode)
+        preset = scale2.EARLIER_LR[args.task] if args.preset_lr or args.forgetting else None
         payload = scale2.run(
             args.quick,
             workdir,
@@ -203,12 +230,17 @@ def main(argv=None) -> int:
             only=only,
             task=args.task,
             preset_lr=preset,
+            mode=mode,
+            tradeoff=args.tradeoff,
         )
         if only is not None:
             log(f"scale 2 shard {only} done in {payload['runtime_s']} s (results in the cache)")
             return 0
         written.append(_save(out, name, payload))
         log("scale 2 summary:\n" + common.table(payload["summary"]))
+        import views
+
+        written += views.plot_all(out)
     if not args.no_plot and not args.quick:
         import plot
 

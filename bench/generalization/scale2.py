@@ -324,12 +324,19 @@ EARLIER_LR = {
     }
 }
 PRESET_NOTE = "the LRs selected in issue 11 (64 validation items, earlier scorer)"
+# Forgetting under pressure (issue 16, deliverable 4): the half-known task's methods at
+# their selected LRs trained to FORGETTING_FACTOR x the steps on as many distinct
+# problems (add2d: 1200, every problem outside validation and test), read at every
+# multiple of the usual steps (100, 200, 300).
+FORGETTING_METHODS = ["sft", "dft", "otr_sampled", "otr_mix0.3"]
+FORGETTING_FACTOR = 3
+MODES = ("main", "forgetting")
 
 
-def results_name(task: str) -> str:
-    """The results file stem (and run-cache folder) of ``task``; issue 11's add2d results
-    stay under "real_model"."""
-    return f"real_model_{task}"
+def results_name(task: str, mode: str = "main") -> str:
+    """The results file stem (and run-cache folder) of ``task`` in ``mode``; issue 11's
+    add2d results stay under "real_model"."""
+    return f"real_model_{task}" + ("" if mode == "main" else f"_{mode}")
 
 
 def run_identity(spec: tasks.Task, cfg: dict, retention: dict) -> dict:
@@ -379,17 +386,32 @@ def run(
     only: list[str] | None = None,
     task: str = "add2d",
     preset_lr: dict[str, float] | None = None,
+    mode: str = "main",
+    tradeoff: bool = False,
 ) -> dict:
     """LR sweep (seed 0, validation only), then each method's best LR on every seed with
     the full evaluation, then every method read at SFT's training time; every run cached
     by its configuration, adapters kept on disk. ``only``: run just these methods (a shard
     of a parallel run, results in the cache only). ``preset_lr``: skip the sweep for the
-    methods it names and use these LRs."""
+    methods it names and use these LRs. ``tradeoff``: also fully evaluate every swept
+    (method, LR) on the sweep's seed (records "tradeoff"), to place them by in-domain
+    accuracy and retention.
+
+    ``mode="forgetting"``: no sweep and no equal-time reading; ``FORGETTING_METHODS`` at
+    ``preset_lr`` trained to ``FORGETTING_FACTOR`` x the steps, every seed, each read
+    fully at every multiple of the usual steps (records "forgetting_<step>")."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: choose from {MODES}")
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = tasks.TASKS[task]
     cfg = dict(QUICK if quick else FULL)
+    if mode == "forgetting":
+        if not preset_lr:
+            raise ValueError("the forgetting runs need the selected LRs (preset_lr)")
+        cfg["snap_every"] = cfg["steps"]  # the reading points: 100, 200, 300
+        cfg["steps"] *= FORGETTING_FACTOR
     t_start = time.perf_counter()
     path = ensure_model(log)
     tok = AutoTokenizer.from_pretrained(path)
@@ -485,7 +507,7 @@ def run(
 
     collate = make_collate(tok.pad_token_id)
     train_keys = ("steps", "batch", "warmup")
-    names = only or TASK_METHODS[task]
+    names = only or (FORGETTING_METHODS if mode == "forgetting" else TASK_METHODS[task])
     unknown = set(names) - set(TASK_METHODS[task])
     if unknown:
         raise ValueError(f"{sorted(unknown)} are not methods of task {task}: {TASK_METHODS[task]}")
@@ -591,6 +613,25 @@ def run(
         )
         return result
 
+    def read_snapshot(method, lr: float, seed: int, at_step: int) -> dict:
+        """A best-LR run's snapshot at ``at_step`` fully evaluated (cached). A snapshot
+        folder that is gone (a new machine) is made again by retraining the run, which
+        is seeded alike."""
+        config = {**full_config(method, lr, seed), "at_step": at_step}
+        cached = cache.get(config)
+        if cached is None:
+            if at_step == 0:
+                cached = dict(base_eval)
+            else:
+                folder = snapshots(method, lr, seed)
+                adapter = os.path.join(folder, f"step{at_step}")
+                if not os.path.isdir(adapter):
+                    log(f"  {adapter} is missing: retraining its run for the snapshots")
+                    _train(method, lr, seed, snapshot_dir=folder)
+                cached, _ = evaluate_adapter(adapter)
+            cache.put(config, cached)
+        return cached
+
     def equal_time(method, lr: float, seed: int, budget_s: float) -> dict:
         """The best-LR run read at its last snapshot within SFT's training time (same
         seed): the final record when it fits, else that snapshot fully evaluated."""
@@ -599,21 +640,31 @@ def run(
         record = {"time_budget_s": budget_s, "setting": "equal_time"}
         if point["step"] == src["steps"]:
             return {**src, **record}
-        config = {**full_config(method, lr, seed), "at_step": point["step"]}
-        cached = cache.get(config)
-        if cached is None:
-            if point["step"] == 0:
-                cached = dict(base_eval)
-            else:
-                folder = snapshots(method, lr, seed)
-                cached, _ = evaluate_adapter(os.path.join(folder, f"step{point['step']}"))
-            cache.put(config, cached)
+        cached = read_snapshot(method, lr, seed, point["step"])
         base = {k: src[k] for k in ("method", "seed", "lr")}
         at = {"steps": point["step"], "train_time_s": point["train_time_s"]}
         return {**base, **cached, **at, **record}
 
+    def forgetting(method, lr: float, seed: int) -> list[dict]:
+        """One long run read at every multiple of the usual steps (100, 200, 300)."""
+        final = full_eval(method, lr, seed)
+        out = []
+        for point in final["curve"]:
+            step = point["step"]
+            if step == 0:
+                continue
+            if step == final["steps"]:
+                record = dict(final)
+            else:
+                base = {k: final[k] for k in ("method", "seed", "lr")}
+                at = {"steps": step, "train_time_s": point["train_time_s"]}
+                record = {**base, **read_snapshot(method, lr, seed, step), **at}
+            out.append({**record, "setting": f"forgetting_{step}"})
+        return out
+
     runs, best_lr = [], dict(preset_lr or {})
     seeds = cfg["seeds"]
+    grids: dict[str, list[float]] = {}
     for method in methods:  # 1. LR sweep on seed 0, validation in-domain accuracy
         if method.name in best_lr:
             continue
@@ -630,12 +681,18 @@ def run(
                 break
             grid.append(more)
         best_lr[method.name] = max(grid, key=lambda lr, s=scores: (s[lr], -lr))
+        grids[method.name] = sorted(grid)
     best_lr = {m.name: best_lr[m.name] for m in methods}
     log(f"  best LR per method (val, seed {seeds[0]}{', preset' if preset_lr else ''}): {best_lr}")
-    for seed in seeds:  # 2. each method at its best LR, every seed, full evaluation
-        for method in methods:
-            runs.append({**full_eval(method, best_lr[method.name], seed), "setting": "best_lr"})
-    if "sft" in best_lr:  # 3. equal compute: every method at SFT's training time
+    if mode == "forgetting":  # 2'. the long runs, every seed, read at 100, 200, 300 steps
+        for seed in seeds:
+            for method in methods:
+                runs += forgetting(method, best_lr[method.name], seed)
+    else:
+        for seed in seeds:  # 2. each method at its best LR, every seed, full evaluation
+            for method in methods:
+                runs.append({**full_eval(method, best_lr[method.name], seed), "setting": "best_lr"})
+    if "sft" in best_lr and mode == "main":  # 3. equal compute: at SFT's training time
         for seed in seeds:  # (a shard without SFT leaves this to the assembling call)
             budget = next(
                 r["train_time_s"]
@@ -644,9 +701,14 @@ def run(
             )
             for method in methods:
                 runs.append(equal_time(method, best_lr[method.name], seed, budget))
+    if tradeoff:  # 4. every swept (method, LR) fully evaluated: retention vs in-domain
+        for method in methods:
+            for lr in grids.get(method.name, ()):
+                runs.append({**full_eval(method, lr, seeds[0]), "setting": "tradeoff"})
     if only is not None:  # a shard of a parallel run: its results are in the cache
         return {"shard": only, "runtime_s": round(time.perf_counter() - t_start, 1)}
-    sft = [r for r in runs if r["setting"] == "best_lr" and r["method"] == "sft"]
+    final = "best_lr" if mode == "main" else f"forgetting_{cfg['steps']}"
+    sft = [r for r in runs if r["setting"] == final and r["method"] == "sft"]
     sft_mean = _mean(r["in_domain"] for r in sft)
     gate = sft_mean > base_eval["in_domain"]
     log(f"  sanity gate (SFT beats the base in-domain): {gate} ({sft_mean:.3f} vs base)")
@@ -656,7 +718,8 @@ def run(
         "scale": f"2: SmolLM2-135M-Instruct + LoRA, task {task} ({spec.note}), CPU",
         "task": spec.describe(),
         "config": cfg,
-        "methods": TASK_METHODS[task],
+        "mode": mode,
+        "methods": [m.name for m in methods],
         "base_model": {**base_summary, "retention_set_size": len(keep)},
         "base_items": base_eval["items"],
         "retention_families": sizes,
