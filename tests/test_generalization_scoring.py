@@ -211,3 +211,61 @@ def test_the_screen_asks_only_new_items(tmp_path: Path, monkeypatch) -> None:
     assert [(r["strict"], r["lenient"]) for r in got] == [(True, True), (False, False)]
     scale2.screen(None, None, second, path, {**key, "max_new": 32}, log=lambda m: None)
     assert len(asked) == 3 and len(asked[-1]) == 2  # another reply length: asked again
+
+
+def test_a_worked_solution_is_scored_on_its_final_answer() -> None:
+    worked = tasks.WorkedSum("guided")
+    target = worked.target(7, 7, 1)
+    assert target.splitlines() == [
+        "First, we add 7 and 7: 7 + 7 = 14.",
+        "Next, we add 1: 14 + 1 = 15.",
+        "So, the answer is 15.",
+    ]
+    assert scoring.final_ok(target, "15") and not scoring.final_ok(target, "14")
+    # an intermediate result is no final answer, strictly; leniently a stated line is
+    assert not scoring.final_ok("First: 7 + 7 = 14.\nThen 14 + 1 = 16.", "14")
+    assert scoring.final_ok("First: 7 + 7 = 14.\nThen 14 + 1 = 16.", "14", lenient=True)
+    assert not scoring.final_ok("To calculate 7 + 7 + 1, we need", "1")  # an operand, cut
+    assert not scoring.final_ok("", "15")
+
+
+def test_worked_items_are_distinct_refuse_and_carry_their_answer() -> None:
+    pytest.importorskip("peft")
+    import scale2
+
+    small = tasks.WorkedSum("steps", terms=(1, 2))  # 8 problems
+    got = tasks.items(small, 8, seed=0)
+    assert len({q for q, _ in got}) == 8
+    with pytest.raises(ValueError, match="holds 8 distinct problems"):
+        tasks.items(small, 9, seed=0)
+    items = scale2.task_items(got)
+    for (q, _), item in zip(got, items, strict=True):
+        xs = [int(x) for x in q.split("Calculate ")[1].split(" step")[0].split(" + ")]
+        assert item["scorer"] == "final" and item["answer"] == str(sum(xs))
+        assert scoring.ok(item["target"], item)
+    plain = scale2.task_items([("Calculate 3 + 4.", "3 + 4 = 7")])[0]
+    assert plain["scorer"] == "num" and plain["answer"] == "7"
+    assert scale2.reply_tokens(small) == scale2.WORKED_NEW
+    assert scale2.reply_tokens(tasks.TASKS["add2d"].in_domain) == scale2.MAX_NEW["task"]
+
+
+@pytest.mark.parametrize("task", ["add1d", "add2d"])
+def test_committed_scale2_runs_are_found_under_todays_keys(task: str) -> None:
+    """A committed run's file name is the key of its stored configuration, and that
+    configuration's task, model, splits, reply lengths and LoRA are what the code makes
+    today (a change there would silently retrain everything, or worse, reuse stale runs
+    if the version were not part of the key)."""
+    pytest.importorskip("peft")
+    import scale2
+
+    folder = ROOT / "bench" / "results" / "runs" / scale2.results_name(task)
+    files = sorted(folder.glob("*.json"))
+    if not files:
+        pytest.skip(f"no committed runs of {task}")
+    today = scale2.run_identity(tasks.TASKS[task], dict(scale2.FULL), {})
+    for path in files:
+        config = json.loads(path.read_text())["config"]
+        assert path.stem == RunCache.key(config)
+        for field, value in today.items():
+            if field != "retention":
+                assert json.loads(json.dumps(value)) == config[field], (path.name, field)

@@ -1,7 +1,7 @@
 """bench/results/continuum.png: each method minus SFT against the base model's prior.
 
 x: the base model's in-domain accuracy before fine-tuning (one point per prior level of
-scale 1; scale 2, the real model, as hollow markers). y: method minus SFT on the same
+scale 1; scale 2, the real model, as hollow markers, one per task). y: method minus SFT on the same
 seed (paired), mean over seeds with the sample standard deviation as error bar, for
 in-domain, OOD and retention, each at the method's own best LR and equal steps.
 """
@@ -38,7 +38,13 @@ def plot(out: str) -> str:
     import matplotlib.pyplot as plt
 
     sources = []
-    for name, hollow in (("continuum", False), ("real_model", True)):
+    # scale 2: issue 11's add2d results until the add2d re-read replaces them, and add1d
+    add2d = (
+        "real_model_add2d"
+        if os.path.exists(os.path.join(out, "real_model_add2d.json"))
+        else "real_model"
+    )
+    for name, hollow in (("continuum", False), (add2d, True), ("real_model_add1d", True)):
         path = os.path.join(out, f"{name}.json")
         if os.path.exists(path):
             with open(path) as f:

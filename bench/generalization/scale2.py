@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 
 import probe
@@ -192,12 +193,27 @@ def generate(model, tok, questions: list[str], max_new: int, batch: int = 64) ->
 # 32 leaves a verbose but correct reply room to state its answer (issue 16: 16 cut such
 # replies); the probe's questions draw longer replies, so 48.
 MAX_NEW = {"task": 32, "probe": 48}
+# A worked solution in the trained format takes ~45 tokens; the base model's own replies
+# take longer to reach their answer.
+WORKED_NEW = 96
+
+
+def reply_tokens(terms) -> int:
+    """New tokens for a reply to a question of ``terms`` (a task's in-domain or OOD)."""
+    return WORKED_NEW if isinstance(terms, tasks.WorkedSum) else MAX_NEW["task"]
 
 
 def task_items(pairs: list[tuple[str, str]]) -> list[dict]:
-    """(question, "a + b = c") pairs as scorer items whose answer is c."""
+    """(question, target) pairs as scorer items whose answer is the target's last number:
+    c of "a + b = c" (scorer "num"), or a worked solution's final answer (several lines,
+    scorer "final")."""
     return [
-        {"question": q, "answer": t.split("=")[-1].strip(), "scorer": "num", "target": t}
+        {
+            "question": q,
+            "answer": re.findall(r"-?\d+", t)[-1],
+            "scorer": "final" if "\n" in t else "num",
+            "target": t,
+        }
         for q, t in pairs
     ]
 
@@ -349,7 +365,12 @@ def run_identity(spec: tasks.Task, cfg: dict, retention: dict) -> dict:
         "model": os.path.basename(MODEL_DIR),
         "task": spec.describe(),
         "data": {k: cfg[k] for k in ("n_val", "n_test", "n_ood")},
-        "max_new": MAX_NEW,
+        # worked-solution tasks reply longer (keys of the other tasks stay as they were)
+        "max_new": (
+            {**MAX_NEW, "task": WORKED_NEW}
+            if isinstance(spec.in_domain, tasks.WorkedSum)
+            else MAX_NEW
+        ),
         "retention": retention,
         "lora": {"r": cfg["lora_r"], "alpha": 2 * cfg["lora_r"], "targets": LORA_TARGETS},
     }
@@ -441,7 +462,7 @@ def run(
     log(f"scale 2 [{task}]: retention probe {len(keep)} items the base answers right")
 
     def evaluate_val(model) -> dict[str, float]:
-        strict, _, _ = score(model, tok, val, MAX_NEW["task"])
+        strict, _, _ = score(model, tok, val, reply_tokens(spec.in_domain))
         return {
             "val_in_domain": round(_mean(strict), 4),
             "val_ce": round(target_ce(model, tok, val), 5),
@@ -450,8 +471,8 @@ def run(
     def evaluate_full(model) -> dict:
         out = evaluate_val(model)
         flags = {}
-        for name, items in (("in_domain", test), ("ood", ood)):
-            strict, lenient, _ = score(model, tok, items, MAX_NEW["task"])
+        for name, items, terms in (("in_domain", test, spec.in_domain), ("ood", ood, spec.ood)):
+            strict, lenient, _ = score(model, tok, items, reply_tokens(terms))
             out[name], out[f"{name}_lenient"] = _mean(strict), _mean(lenient)
             flags[name], flags[f"{name}_lenient"] = strict, lenient
         strict, lenient, _ = score(model, tok, keep, MAX_NEW["probe"])

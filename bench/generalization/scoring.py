@@ -31,7 +31,7 @@ _CASED_WORD = re.compile(r"[A-Za-z0-9]+")
 # A letter standing alone ("G", "'g'"), not the tail of a contraction ("it's").
 _LETTER = re.compile(r"(?<![A-Za-z0-9])(?<![A-Za-z]')([A-Za-z])(?![A-Za-z0-9])(?!'[A-Za-z])")
 
-SCORERS = ("num", "word", "word_case", "letter")
+SCORERS = ("num", "final", "word", "word_case", "letter")
 
 
 def _lines(reply: str) -> list[str]:
@@ -65,6 +65,17 @@ def num_ok(reply: str, answer: str, lenient: bool = False) -> bool:
     if lenient:
         return any(_same_number(x, answer) for line in lines for x in stated_numbers(line))
     stated = stated_numbers(lines[0])
+    return bool(stated) and _same_number(stated[-1], answer)
+
+
+def final_ok(reply: str, answer: str, lenient: bool = False) -> bool:
+    """A worked solution's final answer. strict: the last number the reply states (over
+    all its lines: the answer a solution ends with) is ``answer``; lenient: some line
+    states ``answer`` (as ``num_ok``, intermediate results included)."""
+    lines = _lines(reply)
+    if lenient:
+        return num_ok(reply, answer, lenient=True)
+    stated = [x for line in lines for x in stated_numbers(line)]
     return bool(stated) and _same_number(stated[-1], answer)
 
 
@@ -113,6 +124,8 @@ def ok(reply: str, item: dict, lenient: bool = False) -> bool:
     others = item.get("others", frozenset())
     if kind == "num":
         return num_ok(reply, item["answer"], lenient)
+    if kind == "final":
+        return final_ok(reply, item["answer"], lenient)
     if kind == "word":
         return word_ok(reply, item["answer"], lenient, others)
     if kind == "word_case":

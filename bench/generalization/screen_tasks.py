@@ -59,13 +59,15 @@ def main() -> None:
         t0 = time.perf_counter()
         total = len(terms.problems())
         items = scale2.task_items(tasks.items(terms, min(N, total), 501))
-        strict, lenient, replies = scale2.score(base, tok, items, scale2.MAX_NEW["task"])
+        max_new = scale2.reply_tokens(terms)
+        strict, lenient, replies = scale2.score(base, tok, items, max_new)
         out["candidates"][name] = {
             "terms": terms.describe(),
             "distinct_problems": total,
             "n": len(items),
             "strict": round(scale2._mean(strict), 4),
             "lenient": round(scale2._mean(lenient), 4),
+            **({"max_new": max_new} if max_new != scale2.MAX_NEW["task"] else {}),
             "samples": [[x["question"], r] for x, r in zip(items[:4], replies[:4], strict=True)],
         }
         common.write_json(target, out)

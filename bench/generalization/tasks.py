@@ -69,7 +69,10 @@ def items(
 ) -> list[tuple[str, str]]:
     """``n`` distinct (question, target "a op b = c") drawn from ``terms`` with ``seed``,
     none of them in ``exclude``. Refuses (ValueError) when fewer than ``n`` distinct
-    problems are left, instead of drawing forever."""
+    problems are left, instead of drawing forever. A ``WorkedSum`` goes to
+    ``worked_items``."""
+    if isinstance(terms, WorkedSum):
+        return worked_items(terms, n, seed, exclude)
     left = {terms.question(*p) for p in terms.problems()} - set(exclude)
     if n > len(left):
         raise ValueError(
@@ -86,6 +89,77 @@ def items(
         if q not in seen:
             seen.add(q)
             out.append((q, f"{a} {terms.op} {b} = {OPS[terms.op](a, b)}"))
+    return out
+
+
+# Worked solutions (issue 16, deliverable 5): a three-term sum solved in two steps, in
+# the words SmolLM2-135M-Instruct itself uses when asked to show its work ("First, we add
+# the numbers: 6 + 4 = 10. Next, ..."), ending with the answer.
+WORKED_PROMPTS = {
+    "guided": "Calculate {expr}. First add {a} and {b}, then add {c} to the result. "
+    "End with: So, the answer is <number>.",
+    "steps": "Calculate {expr} step by step, and end with: So, the answer is <number>.",
+}
+
+
+@dataclass(frozen=True)
+class WorkedSum:
+    """``count`` operands from ``terms`` (inclusive), asked with ``prompt`` (a key of
+    ``WORKED_PROMPTS``); the target adds them left to right, one line per step, and ends
+    with "So, the answer is N." Only the final answer is scored (``scoring.final_ok``)."""
+
+    prompt: str
+    count: int = 3
+    terms: tuple[int, int] = (1, 12)  # 1728 problems: 800 distinct are needed
+
+    def problems(self) -> set[tuple[int, ...]]:
+        low, high = self.terms
+        out: set[tuple[int, ...]] = {()}
+        for _ in range(self.count):
+            out = {p + (x,) for p in out for x in range(low, high + 1)}
+        return out
+
+    def question(self, *xs: int) -> str:
+        expr = " + ".join(map(str, xs))
+        return WORKED_PROMPTS[self.prompt].format(expr=expr, a=xs[0], b=xs[1], c=xs[2])
+
+    def target(self, *xs: int) -> str:
+        total = xs[0] + xs[1]
+        lines = [f"First, we add {xs[0]} and {xs[1]}: {xs[0]} + {xs[1]} = {total}."]
+        for x in xs[2:]:
+            lines.append(f"Next, we add {x}: {total} + {x} = {total + x}.")
+            total += x
+        return "\n".join([*lines, f"So, the answer is {total}."])
+
+    def draw(self, rng: random.Random) -> tuple[int, ...]:
+        return tuple(rng.randint(*self.terms) for _ in range(self.count))
+
+    def describe(self) -> dict:
+        return {
+            "worked": self.prompt,
+            "prompt": WORKED_PROMPTS[self.prompt],
+            "count": self.count,
+            "terms": self.terms,
+        }
+
+
+def worked_items(
+    spec: WorkedSum, n: int, seed: int, exclude: set[str] = frozenset()
+) -> list[tuple[str, str]]:
+    """``n`` distinct (question, worked-solution target) pairs; refuses like ``items``."""
+    left = {spec.question(*p) for p in spec.problems()} - set(exclude)
+    if n > len(left):
+        raise ValueError(
+            f"{spec} holds {len(left)} distinct problems outside the excluded ones; {n} were asked"
+        )
+    rng = random.Random(seed)
+    seen, out = set(exclude), []
+    while len(out) < n:  # ends: at least n unseen problems remain, each drawn with p > 0
+        xs = spec.draw(rng)
+        q = spec.question(*xs)
+        if q not in seen:
+            seen.add(q)
+            out.append((q, spec.target(*xs)))
     return out
 
 
@@ -140,4 +214,7 @@ CANDIDATES = {
     "mul1d_phrased": Terms("*", (2, 9), (2, 9), phrasings=PHRASINGS[:2] + PHRASINGS[5:7]),
     "add2d1d_ordered": Terms("+", (10, 99), (1, 9)),
     "sub2d1d": Terms("-", (10, 99), (1, 9)),
+    # deliverable 5: worked solutions (three terms 1-12: 1728 problems per prompt)
+    "worked3_guided": WorkedSum("guided"),
+    "worked3_steps": WorkedSum("steps"),
 }
