@@ -269,3 +269,32 @@ def test_committed_scale2_runs_are_found_under_todays_keys(task: str) -> None:
         for field, value in today.items():
             if field != "retention":
                 assert json.loads(json.dumps(value)) == config[field], (path.name, field)
+
+
+def test_forgetting_curves_and_tradeoff_points_read_their_records(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    import views
+
+    def run(setting, method, seed, steps, ind, ret, lr=1e-4):
+        return {"setting": setting, "method": method, "seed": seed, "steps": steps,
+                "lr": lr, "in_domain": ind, "ood": 0.0, "retention": ret}  # fmt: skip
+
+    runs = [run(f"forgetting_{k}", "sft", s, k, 0.5 + k / 1000, 1 - k / 1000 - s / 100)
+            for k in (100, 200) for s in (0, 1)]  # fmt: skip
+    payload = {"methods": ["sft"], "runs": runs, "scale": "test",
+               "base_model": {"in_domain": 0.3, "ood": 0.0, "retention": 1.0}}  # fmt: skip
+    curves = views.forgetting_curves(payload)["sft"]
+    assert [p[0] for p in curves["retention"]] == [0, 100, 200]
+    assert curves["retention"][1][1] == pytest.approx(1 - 0.1 - 0.005)
+    assert curves["in_domain"][0] == (0, 0.3, 0.0)
+    path = tmp_path / "real_model_x_forgetting.json"
+    path.write_text(json.dumps(payload))
+    assert Path(views.plot_forgetting(str(path))).stat().st_size > 0
+    trade = {**payload, "task": {"name": "x"},
+             "runs": [run("tradeoff", "dft", 0, 100, 0.9, 0.7, lr=3e-4),
+                      run("tradeoff", "dft", 0, 100, 0.8, 0.9, lr=1e-4)]}  # fmt: skip
+    assert views.tradeoff_points(trade) == {"dft": [(1e-4, 0.8, 0.9), (3e-4, 0.9, 0.7)]}
+    path = tmp_path / "real_model_x.json"
+    path.write_text(json.dumps(trade))
+    written = sorted(views.plot_all(str(tmp_path)))
+    assert written == [str(tmp_path / f"real_model_x_{v}.png") for v in ("forgetting", "tradeoff")]

@@ -57,6 +57,14 @@ class Terms:
     def question(self, t: int, a: int, b: int) -> str:
         return self.phrasings[t].format(a=a, op=self.op, b=b) + SUFFIX
 
+    def draw(self, rng: random.Random) -> tuple[str, str]:
+        """One (question, "a op b = c") from ``rng``."""
+        a, b = rng.randint(*self.first), rng.randint(*self.second)
+        if self.both_orders and rng.random() < 0.5:
+            a, b = b, a
+        t = rng.randrange(len(self.phrasings)) if len(self.phrasings) > 1 else 0
+        return self.question(t, a, b), f"{a} {self.op} {b} = {OPS[self.op](a, b)}"
+
     def describe(self) -> dict:
         out = {"op": self.op, "first": self.first, "second": self.second, "both": self.both_orders}
         if self.phrasings != (CALCULATE,):  # single-phrasing keys stay as they were
@@ -65,14 +73,11 @@ class Terms:
 
 
 def items(
-    terms: Terms, n: int, seed: int, exclude: set[str] = frozenset()
+    terms: Terms | WorkedSum, n: int, seed: int, exclude: set[str] = frozenset()
 ) -> list[tuple[str, str]]:
-    """``n`` distinct (question, target "a op b = c") drawn from ``terms`` with ``seed``,
-    none of them in ``exclude``. Refuses (ValueError) when fewer than ``n`` distinct
-    problems are left, instead of drawing forever. A ``WorkedSum`` goes to
-    ``worked_items``."""
-    if isinstance(terms, WorkedSum):
-        return worked_items(terms, n, seed, exclude)
+    """``n`` distinct (question, target) drawn from ``terms`` with ``seed`` (targets
+    "a op b = c", or worked solutions), none of them in ``exclude``. Refuses (ValueError)
+    when fewer than ``n`` distinct problems are left, instead of drawing forever."""
     left = {terms.question(*p) for p in terms.problems()} - set(exclude)
     if n > len(left):
         raise ValueError(
@@ -81,14 +86,10 @@ def items(
     rng = random.Random(seed)
     seen, out = set(exclude), []
     while len(out) < n:  # ends: at least n unseen problems remain, each drawn with p > 0
-        a, b = rng.randint(*terms.first), rng.randint(*terms.second)
-        if terms.both_orders and rng.random() < 0.5:
-            a, b = b, a
-        t = rng.randrange(len(terms.phrasings)) if len(terms.phrasings) > 1 else 0
-        q = terms.question(t, a, b)
+        q, target = terms.draw(rng)
         if q not in seen:
             seen.add(q)
-            out.append((q, f"{a} {terms.op} {b} = {OPS[terms.op](a, b)}"))
+            out.append((q, target))
     return out
 
 
@@ -131,8 +132,10 @@ class WorkedSum:
             total += x
         return "\n".join([*lines, f"So, the answer is {total}."])
 
-    def draw(self, rng: random.Random) -> tuple[int, ...]:
-        return tuple(rng.randint(*self.terms) for _ in range(self.count))
+    def draw(self, rng: random.Random) -> tuple[str, str]:
+        """One (question, worked solution) from ``rng``."""
+        xs = tuple(rng.randint(*self.terms) for _ in range(self.count))
+        return self.question(*xs), self.target(*xs)
 
     def describe(self) -> dict:
         return {
@@ -141,26 +144,6 @@ class WorkedSum:
             "count": self.count,
             "terms": self.terms,
         }
-
-
-def worked_items(
-    spec: WorkedSum, n: int, seed: int, exclude: set[str] = frozenset()
-) -> list[tuple[str, str]]:
-    """``n`` distinct (question, worked-solution target) pairs; refuses like ``items``."""
-    left = {spec.question(*p) for p in spec.problems()} - set(exclude)
-    if n > len(left):
-        raise ValueError(
-            f"{spec} holds {len(left)} distinct problems outside the excluded ones; {n} were asked"
-        )
-    rng = random.Random(seed)
-    seen, out = set(exclude), []
-    while len(out) < n:  # ends: at least n unseen problems remain, each drawn with p > 0
-        xs = spec.draw(rng)
-        q = spec.question(*xs)
-        if q not in seen:
-            seen.add(q)
-            out.append((q, spec.target(*xs)))
-    return out
 
 
 @dataclass(frozen=True)

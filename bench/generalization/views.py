@@ -73,6 +73,13 @@ def _figure(width: float, panels: int):
     return plt, *plt.subplots(1, panels, figsize=(width, 4.2))
 
 
+def _save(plt, fig, png: str) -> str:
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
 def plot_forgetting(path: str) -> str:
     """Write ``<json stem>.png`` with the forgetting curves; return its path."""
     with open(path) as f:
@@ -89,11 +96,7 @@ def plot_forgetting(path: str) -> str:
     axes[0].set_ylabel("accuracy (mean ± std over seeds)")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Forgetting under pressure: {payload['scale']}", fontsize=9)
-    fig.tight_layout()
-    png = os.path.splitext(path)[0] + ".png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    return _save(plt, fig, os.path.splitext(path)[0] + ".png")
 
 
 def plot_tradeoff(path: str) -> str | None:
@@ -116,11 +119,7 @@ def plot_tradeoff(path: str) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"Every swept LR, seed 0: {payload['task']['name']}", fontsize=10)
-    fig.tight_layout()
-    png = os.path.splitext(path)[0] + "_tradeoff.png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    return _save(plt, fig, os.path.splitext(path)[0] + "_tradeoff.png")
 
 
 def plot_all(out: str) -> list[str]:
