@@ -100,29 +100,38 @@ WORKED_PROMPTS = {
     "guided": "Calculate {expr}. First add {a} and {b}, then add {c} to the result. "
     "End with: So, the answer is <number>.",
     "steps": "Calculate {expr} step by step, and end with: So, the answer is <number>.",
+    "guided_add": "Add {a}, {b} and {c}. First add {a} and {b}, then add {c} to the "
+    "result. End with: So, the answer is <number>.",
 }
 
 
 @dataclass(frozen=True)
 class WorkedSum:
-    """``count`` operands from ``terms`` (inclusive), asked with ``prompt`` (a key of
-    ``WORKED_PROMPTS``); the target adds them left to right, one line per step, and ends
-    with "So, the answer is N." Only the final answer is scored (``scoring.final_ok``)."""
+    """``count`` operands from ``terms`` (inclusive), asked with ``prompt`` or one of
+    ``more`` (keys of ``WORKED_PROMPTS``; a problem is a prompt and its operands); the
+    target adds them left to right, one line per step, and ends with "So, the answer is
+    N." Only the final answer is scored (``scoring.final_ok``)."""
 
     prompt: str
     count: int = 3
     terms: tuple[int, int] = (1, 12)  # 1728 problems: 800 distinct are needed
+    more: tuple[str, ...] = ()
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        return (self.prompt, *self.more)
 
     def problems(self) -> set[tuple[int, ...]]:
+        """Every distinct (prompt index, operands...)."""
         low, high = self.terms
-        out: set[tuple[int, ...]] = {()}
+        out: set[tuple[int, ...]] = {(t,) for t in range(len(self.prompts))}
         for _ in range(self.count):
             out = {p + (x,) for p in out for x in range(low, high + 1)}
         return out
 
-    def question(self, *xs: int) -> str:
+    def question(self, t: int, *xs: int) -> str:
         expr = " + ".join(map(str, xs))
-        return WORKED_PROMPTS[self.prompt].format(expr=expr, a=xs[0], b=xs[1], c=xs[2])
+        return WORKED_PROMPTS[self.prompts[t]].format(expr=expr, a=xs[0], b=xs[1], c=xs[2])
 
     def target(self, *xs: int) -> str:
         total = xs[0] + xs[1]
@@ -135,15 +144,19 @@ class WorkedSum:
     def draw(self, rng: random.Random) -> tuple[str, str]:
         """One (question, worked solution) from ``rng``."""
         xs = tuple(rng.randint(*self.terms) for _ in range(self.count))
-        return self.question(*xs), self.target(*xs)
+        t = rng.randrange(len(self.prompts)) if self.more else 0
+        return self.question(t, *xs), self.target(*xs)
 
     def describe(self) -> dict:
-        return {
+        out = {
             "worked": self.prompt,
             "prompt": WORKED_PROMPTS[self.prompt],
             "count": self.count,
             "terms": self.terms,
         }
+        if self.more:  # single-prompt descriptions stay as they were screened
+            out["more"] = {k: WORKED_PROMPTS[k] for k in self.more}
+        return out
 
 
 @dataclass(frozen=True)
@@ -200,4 +213,7 @@ CANDIDATES = {
     # deliverable 5: worked solutions (three terms 1-12: 1728 problems per prompt)
     "worked3_guided": WorkedSum("guided"),
     "worked3_steps": WorkedSum("steps"),
+    # added after those two screened below 0.25 (0.13, 0.055), before any run: one-digit
+    # terms, two guided prompts (729 sums x 2 = 1458 problems)
+    "worked3_1d_guided": WorkedSum("guided", terms=(1, 9), more=("guided_add",)),
 }
