@@ -298,3 +298,17 @@ def test_forgetting_curves_and_tradeoff_points_read_their_records(tmp_path: Path
     path.write_text(json.dumps(trade))
     written = sorted(views.plot_all(str(tmp_path)))
     assert written == [str(tmp_path / f"real_model_x_{v}.png") for v in ("forgetting", "tradeoff")]
+
+
+def test_tens_and_ones_solutions_add_up() -> None:
+    spec = tasks.TASKS["worked2d"]
+    assert isinstance(spec.in_domain, tasks.WorkedTensOnes)
+    for a, b in sorted(spec.in_domain.problems())[::37]:
+        lines = spec.in_domain.target(a, b).splitlines()
+        assert len(lines) == 4 and lines[-1] == f"So, the answer is {a + b}."
+        for line in lines[:3]:  # every step's equation is right
+            left, right = line.split(": ")[1].rstrip(".").split(" = ")
+            assert sum(int(x) for x in left.split(" + ")) == int(right)
+    item = {"scorer": "final", "answer": "60"}
+    assert scoring.ok(spec.in_domain.target(28, 32), item)
+    assert not scoring.ok("28 + 32 = 60\n\nSo, the answer is 50.", item)

@@ -73,7 +73,7 @@ class Terms:
 
 
 def items(
-    terms: Terms | WorkedSum, n: int, seed: int, exclude: set[str] = frozenset()
+    terms: Terms | WorkedSum | WorkedTensOnes, n: int, seed: int, exclude: set[str] = frozenset()
 ) -> list[tuple[str, str]]:
     """``n`` distinct (question, target) drawn from ``terms`` with ``seed`` (targets
     "a op b = c", or worked solutions), none of them in ``exclude``. Refuses (ValueError)
@@ -159,13 +159,57 @@ class WorkedSum:
         return out
 
 
+WORKED_TENS_PROMPT = (
+    "Calculate {a} + {b}. First add the tens, then add the ones, then add the two "
+    "results. End with: So, the answer is <number>."
+)
+
+
+@dataclass(frozen=True)
+class WorkedTensOnes:
+    """Two-digit sums (operands from ``first`` and ``second``) solved by tens and ones in
+    three steps, ending with "So, the answer is N."; the half-known add2d numbers."""
+
+    first: tuple[int, int] = (10, 49)
+    second: tuple[int, int] = (10, 49)
+
+    def problems(self) -> set[tuple[int, int]]:
+        (a0, a1), (b0, b1) = self.first, self.second
+        return {(a, b) for a in range(a0, a1 + 1) for b in range(b0, b1 + 1)}
+
+    def question(self, a: int, b: int) -> str:
+        return WORKED_TENS_PROMPT.format(a=a, b=b)
+
+    def target(self, a: int, b: int) -> str:
+        tens, ones = a // 10 * 10 + b // 10 * 10, a % 10 + b % 10
+        return "\n".join(
+            [
+                f"First, we add the tens: {a // 10 * 10} + {b // 10 * 10} = {tens}.",
+                f"Next, we add the ones: {a % 10} + {b % 10} = {ones}.",
+                f"Then we add the two results: {tens} + {ones} = {tens + ones}.",
+                f"So, the answer is {a + b}.",
+            ]
+        )
+
+    def draw(self, rng: random.Random) -> tuple[str, str]:
+        a, b = rng.randint(*self.first), rng.randint(*self.second)
+        return self.question(a, b), self.target(a, b)
+
+    def describe(self) -> dict:
+        return {"worked": "tens_ones", "prompt": WORKED_TENS_PROMPT, "first": self.first,
+                "second": self.second}  # fmt: skip
+
+
+WORKED = (WorkedSum, WorkedTensOnes)  # the task kinds whose targets are worked solutions
+
+
 @dataclass(frozen=True)
 class Task:
     """A fine-tuning task: in-domain and OOD problems, and the seeds of its data sets."""
 
     name: str
-    in_domain: Terms
-    ood: Terms
+    in_domain: Terms | WorkedSum | WorkedTensOnes
+    ood: Terms | WorkedSum | WorkedTensOnes
     note: str
     seeds: tuple[int, int, int, int] = (301, 302, 303, 10_000)  # val, test, ood, train + seed
 
@@ -197,6 +241,16 @@ TASKS = {
         "number, either order",
         seeds=(401, 402, 403, 20_000),
     ),
+    # Worked solutions (issue 16, deliverable 5), chosen by the screen's rule (the first
+    # candidate with a base final-answer accuracy in [0.25, 0.75]: 0.315): add2d's sums
+    # solved by tens and ones; OOD the same on add2d's OOD numbers (50-99).
+    "worked2d": Task(
+        "worked2d",
+        WorkedTensOnes(),
+        WorkedTensOnes((50, 99), (50, 99)),
+        "two numbers 10-49 solved by tens and ones in three steps; OOD both 50-99",
+        seeds=(601, 602, 603, 30_000),
+    ),
 }
 
 # Screened with the base model before any fine-tuning (screen_tasks.py; add2d's base
@@ -216,4 +270,6 @@ CANDIDATES = {
     # added after those two screened below 0.25 (0.13, 0.055), before any run: one-digit
     # terms, two guided prompts (729 sums x 2 = 1458 problems)
     "worked3_1d_guided": WorkedSum("guided", terms=(1, 9), more=("guided_add",)),
+    # added after that one screened 0.155, before any run: add2d's sums by tens and ones
+    "worked2d_tens": WorkedTensOnes(),
 }
