@@ -81,6 +81,8 @@ def test_generalization_quick_scale2(tmp_path: Path) -> None:
     tradeoff = {(r["method"], r["lr"]) for r in payload["runs"] if r["setting"] == "tradeoff"}
     swept = {(r["method"], r["lr"]) for r in payload["runs"] if r["setting"] == "sweep"}
     assert tradeoff == swept  # every swept (method, LR) fully evaluated
+    lrs = {m: {lr for n, lr in swept if n == m} for m, _ in swept}
+    assert all(len(v) == 2 for v in lrs.values()), lrs  # both grid LRs, not only the best
     assert (tmp_path / "real_model_add2d_tradeoff.png").stat().st_size > 0
     best = {(r["method"], r["seed"]): r for r in payload["runs"] if r["setting"] == "best_lr"}
     equal = {(r["method"], r["seed"]): r for r in payload["runs"] if r["setting"] == "equal_time"}

@@ -312,3 +312,33 @@ def test_tens_and_ones_solutions_add_up() -> None:
     item = {"scorer": "final", "answer": "60"}
     assert scoring.ok(spec.in_domain.target(28, 32), item)
     assert not scoring.ok("28 + 32 = 60\n\nSo, the answer is 50.", item)
+
+
+# Computed with the code of commit 602d6a0 (before the worked-solution task kinds), under
+# which the committed add1d runs and the earlier add2d runs were defined.
+PINNED_SCALE2 = {
+    "add2d": ("8460da7c5e3190a6", "58c8fd48d843c5d6"),
+    "add1d": ("bc3b40c6bcf75490", "ff74f03eb167c3b6"),
+}
+
+
+@pytest.mark.parametrize("task", sorted(PINNED_SCALE2))
+def test_scale2_identity_and_data_are_pinned(task: str) -> None:
+    """The task part of every scale-2 cache key (retention aside) and the validation,
+    test, OOD and training items of every seed are what they were when the cached runs
+    were made: a change would silently retrain them or, worse, misread them."""
+    pytest.importorskip("peft")
+    import hashlib
+
+    import scale2
+
+    spec = tasks.TASKS[task]
+    key = RunCache.key(scale2.run_identity(spec, dict(scale2.FULL), {}))
+    s_val, s_test, s_ood, s_train = spec.seeds
+    val = tasks.items(spec.in_domain, 200, s_val)
+    test = tasks.items(spec.in_domain, 200, s_test, exclude={q for q, _ in val})
+    held = {q for q, _ in val + test}
+    ood = tasks.items(spec.ood, 200, s_ood)
+    train = [tasks.items(spec.in_domain, 400, s_train + s, exclude=held) for s in (0, 1, 2)]
+    data = hashlib.sha1(json.dumps([val, test, ood, train]).encode()).hexdigest()[:16]
+    assert (key, data) == PINNED_SCALE2[task]

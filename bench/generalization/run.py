@@ -181,8 +181,8 @@ def main(argv=None) -> int:
         for flag, given in (("--preset-lr", args.preset_lr), ("--forgetting", args.forgetting)):
             if given and args.task not in scale2.EARLIER_LR:
                 ap.error(f"{flag}: task {args.task} has no earlier selected LRs")
-        if args.forgetting and args.tradeoff:
-            ap.error("--tradeoff reads the sweep, which the forgetting runs do not have")
+        if args.tradeoff and (args.forgetting or args.preset_lr):
+            ap.error("--tradeoff reads the LR sweep, which --forgetting and --preset-lr skip")
     common.set_threads()
     out = args.out or (
         tempfile.mkdtemp(prefix="otr_gen_")
@@ -194,12 +194,13 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     written = []
     if args.report_only:
+        import glob
         import json
 
         import plot
 
-        names = ("continuum", "real_model", "real_model_add2d", "real_model_add1d")
-        for name in (*names, "real_model_add2d_forgetting"):
+        stems = sorted(os.path.basename(p)[:-5] for p in glob.glob(f"{out}/real_model*.json"))
+        for name in ("continuum", *stems):
             path = os.path.join(out, f"{name}.json")
             if os.path.exists(path):
                 payload = json.load(open(path))
