@@ -342,3 +342,35 @@ def test_scale2_identity_and_data_are_pinned(task: str) -> None:
     train = [tasks.items(spec.in_domain, 400, s_train + s, exclude=held) for s in (0, 1, 2)]
     data = hashlib.sha1(json.dumps([val, test, ood, train]).encode()).hexdigest()[:16]
     assert (key, data) == PINNED_SCALE2[task]
+
+
+def test_scale2_progress_reads_a_partial_run_cache(tmp_path: Path) -> None:
+    import scale2_progress
+
+    def put(name, config, result):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"config": config, "result": result}))
+
+    def full(method, seed, ok):
+        bits = "1" * ok + "0" * (10 - ok)
+        return {"in_domain": ok / 10, "ood": 0.0, "retention": ok / 10, "retention_lenient": 0.5,
+                "retention_family_mean": 0.5, "retention_letter": ok / 10,
+                "retention_letter_lenient": 0.5, "val_in_domain": 1.0, "val_ce": 0.1,
+                "items": {"in_domain": bits, "ood": "0" * 10, "retention": bits,
+                          "retention_lenient": "1" * 5 + "0" * 5}}  # fmt: skip
+
+    put("base", {"base": True}, {"in_domain": 0.5, "items": {}})
+    for i, (method, lr) in enumerate([("sft", 1e-4), ("sft", 3e-4), ("dft", 3e-4)]):
+        put(f"s{i}", {"method": {"name": method}, "lr": lr, "seed": 0},
+            {"val_in_domain": 1.0, "val_ce": 0.1 * (i + 1)})  # fmt: skip
+    for seed in (0, 1, 2):
+        put(f"f{seed}", {"method": {"name": "sft"}, "lr": 3e-4, "seed": seed, "eval": "full"},
+            full("sft", seed, 5))  # fmt: skip
+    put("d0", {"method": {"name": "dft"}, "lr": 3e-4, "seed": 0, "eval": "full"}, full("dft", 0, 8))
+    rep = scale2_progress.report(scale2_progress.cached(str(tmp_path)))
+    assert rep["best_lr_runs"]["sft"]["seeds"] == [0, 1, 2]
+    assert rep["best_lr_runs"]["dft"]["families"] == {"letter": 0.8}
+    cmp = rep["versus_sft"]["dft"]["in_domain"]
+    assert cmp["n_seeds"] == 1 and cmp["mean"] == pytest.approx(0.3)
+    text = scale2_progress.markdown("x", rep)
+    assert "(1 of 3 seeds)" in text and "win" not in text  # no verdict on one seed
+    assert len(rep["sweep"]) == 3 and rep["base"] == {"in_domain": 0.5}

@@ -1,0 +1,163 @@
+"""A scale-2 task while its runs are still coming: what the run cache holds so far.
+
+``run.py --scale 2 --task T`` writes ``real_model_T.json`` only once every method has its
+best-LR runs on every seed, which takes more than one session on this CPU. This reads the
+task's run cache (``bench/results/runs/real_model_T``) and reports, without training
+anything: the base model, the sweep (validation accuracy and cross-entropy per method and
+LR), each method's best-LR runs on the seeds done so far (in-domain, OOD, retention
+strict and lenient, the family mean), and each method minus SFT with its paired-bootstrap
+95% interval on the seeds both have (``stats.py``). A method's LR is the one its full
+evaluations were run at (the runner chose it from the complete sweep).
+
+    python bench/generalization/scale2_progress.py --task add1d
+    # -> bench/results/real_model_add1d_progress.json and .md
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import stats  # noqa: E402
+
+METRICS = ("in_domain", "ood", "retention", "retention_lenient", "retention_family_mean")
+COMPARED = ("in_domain", "ood", "retention", "retention_lenient")
+SEEDS = 3  # the protocol's seeds (scale2.FULL)
+
+
+def cached(folder: str) -> list[dict]:
+    """Every record of the folder as {kind, method, lr, seed, **result}; kind is "base",
+    "sweep" (validation only), "full" (a best-LR or trade-off run) or "at_step"."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        with open(path) as f:
+            rec = json.load(f)
+        config, result = rec["config"], rec["result"]
+        if config.get("base"):
+            kind = "base"
+        elif "at_step" in config:
+            kind = "at_step"
+        else:
+            kind = "full" if config.get("eval") == "full" else "sweep"
+        method = config.get("method", {}).get("name")
+        out.append({**result, "kind": kind, "method": method, "lr": config.get("lr"),
+                    "seed": config.get("seed")})  # fmt: skip
+    return out
+
+
+def report(records: list[dict]) -> dict:
+    """The progress summary of one task's records."""
+    base = next((r for r in records if r["kind"] == "base"), None)
+    sweep = sorted(
+        ({"method": r["method"], "lr": r["lr"], "val_in_domain": r["val_in_domain"],
+          "val_ce": r["val_ce"]} for r in records if r["kind"] == "sweep"),
+        key=lambda r: (r["method"], r["lr"]),
+    )  # fmt: skip
+    full = [r for r in records if r["kind"] == "full"]
+    methods = list(dict.fromkeys(r["method"] for r in sweep + full))
+    best = {}
+    for m in methods:
+        lrs = {r["lr"] for r in full if r["method"] == m}
+        if len(lrs) == 1:  # (several: trade-off records too; the later seeds name the best)
+            best[m] = lrs.pop()
+        elif lrs:
+            later = {r["lr"] for r in full if r["method"] == m and r["seed"] != 0}
+            best[m] = later.pop() if len(later) == 1 else None
+    runs = [
+        {**r, "setting": "best_lr"}
+        for r in full
+        if best.get(r["method"]) is not None and r["lr"] == best[r["method"]]
+    ]
+    per_method = {}
+    for m in methods:
+        mine = sorted((r for r in runs if r["method"] == m), key=lambda r: r["seed"])
+        if mine:
+            families = sorted(
+                k[len("retention_") :]
+                for k in mine[0]
+                if k.startswith("retention_") and not k.endswith("_lenient")
+                and k not in ("retention_family_mean", "retention_old")
+            )  # fmt: skip
+            per_method[m] = {
+                "lr": best[m],
+                "seeds": [r["seed"] for r in mine],
+                **{k: [round(r[k], 4) for r in mine] for k in METRICS if k in mine[0]},
+                "families": {
+                    f: round(sum(r[f"retention_{f}"] for r in mine) / len(mine), 4)
+                    for f in families
+                },  # fmt: skip
+            }
+    versus = {}
+    for m in per_method:
+        if m != "sft":
+            versus[m] = {k: stats.versus_sft(runs, "best_lr", m, k) for k in COMPARED}
+    base_summary = {k: v for k, v in (base or {}).items() if k not in ("items", "kind", "method", "lr", "seed")}
+    return {"base": base_summary, "sweep": sweep, "best_lr_runs": per_method, "versus_sft": versus}
+
+
+def markdown(task: str, rep: dict) -> str:
+    base = rep["base"]
+    lines = [f"# Scale 2, task {task}: runs in the cache so far", ""]
+    if base:
+        keys = ("in_domain", "ood", "retention", "val_in_domain")
+        lines += ["base model: " + ", ".join(f"{k} {base[k]}" for k in keys if k in base), ""]
+    lines += ["## Sweep (seed 0, validation)", "", "| method | LR | val accuracy | val CE |",
+              "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['method']} | {r['lr']:g} | {r['val_in_domain']:.3f} | {r['val_ce']:.5f} |"
+              for r in rep["sweep"]]  # fmt: skip
+    lines += ["", "## Best-LR runs done (one value per seed)", ""]
+    lines += [
+        "| method | LR | seeds | " + " | ".join(METRICS) + " |",
+        "|---" * (3 + len(METRICS)) + "|",
+    ]
+    for m, r in rep["best_lr_runs"].items():
+        cells = [", ".join(f"{v:.3f}" for v in r.get(k, [])) for k in METRICS]
+        lines.append(f"| {m} | {r['lr']:g} | {r['seeds']} | " + " | ".join(cells) + " |")
+    fams = sorted({f for r in rep["best_lr_runs"].values() for f in r["families"]})
+    lines += ["", "## Retention per family (strict, mean over the seeds done)", ""]
+    lines += ["| method | " + " | ".join(fams) + " |", "|---" * (1 + len(fams)) + "|"]
+    for m, r in rep["best_lr_runs"].items():
+        cells = [f"{r['families'][f]:.3f}" if f in r["families"] else "-" for f in fams]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "## Method - SFT, 95% paired bootstrap on the seeds both have", ""]
+    lines += [f"A verdict only with all {SEEDS} seeds: on fewer, the interval resamples the "
+              "items and too few seeds to show the seed-to-seed spread.", ""]  # fmt: skip
+    lines += ["| method | " + " | ".join(COMPARED) + " |", "|---" * (1 + len(COMPARED)) + "|"]
+    for m, cmp in rep["versus_sft"].items():
+        cells = [
+            "-" if c is None else f"{c['mean']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}] "
+            + (c["verdict"] if c["n_seeds"] >= SEEDS else f"({c['n_seeds']} of {SEEDS} seeds)")
+            for c in (cmp[k] for k in COMPARED)
+        ]  # fmt: skip
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", default="add1d")
+    ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results"))
+    args = ap.parse_args(argv)
+    folder = os.path.join(args.results, "runs", f"real_model_{args.task}")
+    if not os.path.isdir(folder):
+        raise SystemExit(f"no run cache for task {args.task} at {folder}")
+    rep = report(cached(folder))
+    stem = os.path.join(args.results, f"real_model_{args.task}_progress")
+    with open(stem + ".json", "w") as f:
+        json.dump(rep, f, indent=1)
+    text = markdown(args.task, rep)
+    with open(stem + ".md", "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
