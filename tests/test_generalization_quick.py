@@ -84,6 +84,8 @@ def test_generalization_quick_scale2(tmp_path: Path) -> None:
     lrs = {m: {lr for n, lr in swept if n == m} for m, _ in swept}
     assert all(len(v) == 2 for v in lrs.values()), lrs  # both grid LRs, not only the best
     assert (tmp_path / "real_model_add2d_tradeoff.png").stat().st_size > 0
+    measures = payload["base_model"]["token_measures"]  # the map's axis for this task
+    assert 0 < measures["p_target"] <= 1 and 0 <= measures["argmax_share"] <= 1
     best = {(r["method"], r["seed"]): r for r in payload["runs"] if r["setting"] == "best_lr"}
     equal = {(r["method"], r["seed"]): r for r in payload["runs"] if r["setting"] == "equal_time"}
     assert equal.keys() == best.keys()  # every method, every seed, read at SFT's time

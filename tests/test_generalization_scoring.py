@@ -296,6 +296,7 @@ def test_forgetting_curves_and_tradeoff_points_read_their_records(tmp_path: Path
     assert views.tradeoff_points(trade) == {"dft": [(1e-4, 0.8, 0.9), (3e-4, 0.9, 0.7)]}
     path = tmp_path / "real_model_x.json"
     path.write_text(json.dumps(trade))
+    (tmp_path / "real_model_x_progress.json").write_text("{}")  # a report, not a payload
     written = sorted(views.plot_all(str(tmp_path)))
     assert written == [str(tmp_path / f"real_model_x_{v}.png") for v in ("forgetting", "tradeoff")]
 
@@ -359,6 +360,7 @@ def test_scale2_progress_reads_a_partial_run_cache(tmp_path: Path) -> None:
                           "retention_lenient": "1" * 5 + "0" * 5}}  # fmt: skip
 
     put("base", {"base": True}, {"in_domain": 0.5, "items": {}})
+    put("measures", {"token_measures": {"steps": 100}}, {"p_target": 0.9, "argmax_share": 0.95})
     for i, (method, lr) in enumerate([("sft", 1e-4), ("sft", 3e-4), ("dft", 3e-4)]):
         put(f"s{i}", {"method": {"name": method}, "lr": lr, "seed": 0},
             {"val_in_domain": 1.0, "val_ce": 0.1 * (i + 1)})  # fmt: skip
@@ -373,4 +375,6 @@ def test_scale2_progress_reads_a_partial_run_cache(tmp_path: Path) -> None:
     assert cmp["n_seeds"] == 1 and cmp["mean"] == pytest.approx(0.3)
     text = scale2_progress.markdown("x", rep)
     assert "(1 of 3 seeds)" in text and "win" not in text  # no verdict on one seed
-    assert len(rep["sweep"]) == 3 and rep["base"] == {"in_domain": 0.5}
+    assert len(rep["sweep"]) == 3
+    measures = {"p_target": 0.9, "argmax_share": 0.95}
+    assert rep["base"] == {"in_domain": 0.5, "token_measures": measures}

@@ -38,6 +38,9 @@ except ImportError:
     versus_sft = None
 
 RESULTS = os.path.join(ROOT, "bench", "results")
+# real_model*.json files that are no level of the map: a task's partial progress report
+# (scale2_progress.py) and its forgetting runs (no best-LR comparison at the usual steps)
+NOT_LEVELS = ("_progress", "_forgetting")
 MAP_NAME = "otr_map.json"
 PACKAGED = os.path.join(ROOT, "axolotl_otr", MAP_NAME)
 METRIC = "in_domain"
@@ -147,8 +150,10 @@ def derive(results: str = RESULTS) -> dict[str, Any]:
             if sha is not None:
                 seen.add(sha)
     for path in sorted(glob.glob(os.path.join(results, "real_model*.json"))):
-        payload = json.load(open(path))
         stem = os.path.splitext(os.path.basename(path))[0]
+        if stem.endswith(NOT_LEVELS):
+            continue
+        payload = json.load(open(path))
         source = f"bench/results/{stem}.json"
         base = payload.get("base_model", {})
         name = f"scale 2 {stem} (base in-domain {base.get(METRIC, NAN):.2f})"

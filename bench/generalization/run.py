@@ -194,20 +194,17 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     written = []
     if args.report_only:
-        import glob
         import json
 
         import plot
+        import views
 
-        stems = sorted(os.path.basename(p)[:-5] for p in glob.glob(f"{out}/real_model*.json"))
-        for name in ("continuum", *stems):
+        for name in ("continuum", *views.scale2_results(out)):
             path = os.path.join(out, f"{name}.json")
             if os.path.exists(path):
                 payload = json.load(open(path))
                 _save(out, name, payload)
                 log(f"{name}:\n" + common.table(payload["summary"]))
-        import views
-
         log(f"wrote {plot.plot(out)} {views.plot_all(out)}")
         return 0
     cache_dir = os.path.join(out, "runs")

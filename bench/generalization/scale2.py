@@ -247,6 +247,32 @@ def target_ce(model, tok, items: list[dict], batch: int = 50) -> float:
     return float(total) / max(count, 1)
 
 
+@torch.no_grad()
+def token_measures(model, examples: list[dict], pad_id: int, batch: int = 25) -> dict:
+    """Over the target tokens of ``examples`` (teacher-forced): the mean probability the
+    model gives the target and the share of targets that are its argmax, the measures
+    the plugin logs from a user's first step (``otr/first_window_*``)."""
+    collate = make_collate(pad_id)
+    p_sum = torch.zeros((), dtype=torch.float64)
+    hits, count = 0, 0
+    for s in range(0, len(examples), batch):
+        b = collate(examples[s : s + batch])
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        labels = b["labels"][:, 1:]
+        mask = labels != -100
+        target = labels.clamp(min=0)
+        logits = logits[:, :-1].float()
+        p = logits.softmax(-1).gather(-1, target[..., None])[..., 0]
+        p_sum += (p * mask).sum().double()
+        hits += int(((logits.argmax(-1) == target) & mask).sum())
+        count += int(mask.sum())
+    return {
+        "p_target": round(float(p_sum) / count, 4),
+        "argmax_share": round(hits / count, 4),
+        "tokens": count,
+    }
+
+
 def bits(flags: list[bool]) -> str:
     """Per-item correctness as a compact string of 0/1 (kept in every full record)."""
     return "".join("1" if f else "0" for f in flags)
@@ -503,7 +529,6 @@ def run(
         f"  base model: { {k: v for k, v in base_eval.items() if k != 'items'} } "
         f"({time.perf_counter() - t0:.1f} s)"
     )
-    del base
 
     train_items: dict[int, list[dict]] = {}
 
@@ -513,6 +538,15 @@ def run(
             items = tasks.items(spec.in_domain, n, s_train + seed, exclude=held)
             train_items[seed] = [example(tok, q, a) for q, a in items]
         return train_items[seed]
+
+    # the map's axis (issue 16, step 7): the base model on the first seed's training data
+    measures_key = {**identity, "token_measures": {k: cfg[k] for k in ("steps", "batch")}}
+    measures = cache.get(measures_key)
+    if measures is None:
+        measures = token_measures(base, train_data(cfg["seeds"][0]), tok.pad_token_id)
+        cache.put(measures_key, measures)
+    log(f"  base model on the training targets: {measures}")
+    del base
 
     def lora_model(seed: int):
         torch.manual_seed(seed)
@@ -748,7 +782,11 @@ def run(
         "config": cfg,
         "mode": mode,
         "methods": [m.name for m in methods],
-        "base_model": {**base_summary, "retention_set_size": len(keep)},
+        "base_model": {
+            **base_summary,
+            "retention_set_size": len(keep),
+            "token_measures": measures,
+        },
         "base_items": base_eval["items"],
         "retention_families": sizes,
         "earlier_retention_set": old_key and {**old_key, "kept_n": len(old)},

@@ -34,7 +34,8 @@ SEEDS = 3  # the protocol's seeds (scale2.FULL)
 
 def cached(folder: str) -> list[dict]:
     """Every record of the folder as {kind, method, lr, seed, **result}; kind is "base",
-    "sweep" (validation only), "full" (a best-LR or trade-off run) or "at_step"."""
+    "measures" (its token measures), "sweep" (validation only), "full" (a best-LR or
+    trade-off run) or "at_step"."""
     out = []
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         with open(path) as f:
@@ -42,6 +43,8 @@ def cached(folder: str) -> list[dict]:
         config, result = rec["config"], rec["result"]
         if config.get("base"):
             kind = "base"
+        elif "token_measures" in config:  # the base model on the training targets
+            kind = "measures"
         elif "at_step" in config:
             kind = "at_step"
         else:
@@ -98,7 +101,11 @@ def report(records: list[dict]) -> dict:
     for m in per_method:
         if m != "sft":
             versus[m] = {k: stats.versus_sft(runs, "best_lr", m, k) for k in COMPARED}
-    base_summary = {k: v for k, v in (base or {}).items() if k not in ("items", "kind", "method", "lr", "seed")}
+    drop = ("items", "kind", "method", "lr", "seed")
+    base_summary = {k: v for k, v in (base or {}).items() if k not in drop}
+    measures = next((r for r in records if r["kind"] == "measures"), None)
+    if measures:
+        base_summary["token_measures"] = {k: v for k, v in measures.items() if k not in drop}
     return {"base": base_summary, "sweep": sweep, "best_lr_runs": per_method, "versus_sft": versus}
 
 
@@ -106,7 +113,7 @@ def markdown(task: str, rep: dict) -> str:
     base = rep["base"]
     lines = [f"# Scale 2, task {task}: runs in the cache so far", ""]
     if base:
-        keys = ("in_domain", "ood", "retention", "val_in_domain")
+        keys = ("in_domain", "ood", "retention", "val_in_domain", "token_measures")
         lines += ["base model: " + ", ".join(f"{k} {base[k]}" for k in keys if k in base), ""]
     lines += ["## Sweep (seed 0, validation)", "", "| method | LR | val accuracy | val CE |",
               "|---|---|---|---|"]  # fmt: skip

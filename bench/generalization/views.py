@@ -122,14 +122,21 @@ def plot_tradeoff(path: str) -> str | None:
     return _save(plt, fig, os.path.splitext(path)[0] + "_tradeoff.png")
 
 
+def scale2_results(out: str) -> list[str]:
+    """The stems of the scale-2 result payloads in ``out`` (``real_model*.json``; not the
+    progress reports of ``scale2_progress.py``, which hold no runs)."""
+    names = sorted(n for n in os.listdir(out) if n.startswith("real_model") and n.endswith(".json"))
+    return [n[: -len(".json")] for n in names if not n.endswith("_progress.json")]
+
+
 def plot_all(out: str) -> list[str]:
     """Every view whose JSON is in ``out``."""
     written = []
-    for name in sorted(os.listdir(out)):
-        path = os.path.join(out, name)
-        if name.startswith("real_model_") and name.endswith("_forgetting.json"):
+    for stem in scale2_results(out):
+        path = os.path.join(out, f"{stem}.json")
+        if stem.endswith("_forgetting"):
             written.append(plot_forgetting(path))
-        elif name.startswith("real_model_") and name.endswith(".json"):
+        elif stem.startswith("real_model_"):
             png = plot_tradeoff(path)
             if png:
                 written.append(png)
