@@ -378,3 +378,27 @@ def test_scale2_progress_reads_a_partial_run_cache(tmp_path: Path) -> None:
     assert len(rep["sweep"]) == 3
     measures = {"p_target": 0.9, "argmax_share": 0.95}
     assert rep["base"] == {"in_domain": 0.5, "token_measures": measures}
+
+
+def test_token_measures_do_not_depend_on_the_batching() -> None:
+    """scale 1 measures in one batch, scale 2 in several: the same figures either way."""
+    import torch
+    from common import make_collate, token_measures
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(1)
+    examples = []
+    for n in range(3, 13):
+        ids = torch.randint(1, 50, (n,), generator=gen).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
+    collate = make_collate(0)
+    whole = token_measures(model, [collate(examples)])
+    parts = token_measures(model, (collate(examples[i : i + 3]) for i in range(0, 10, 3)))
+    assert whole["tokens"] == parts["tokens"] == sum(n - 2 for n in range(3, 13))
+    assert whole == parts and 0 < whole["p_target"] < 1

@@ -59,6 +59,32 @@ METHODS = [
 METHOD_BY_NAME = {m.name: m for m in METHODS}
 
 
+@torch.no_grad()
+def token_measures(model, batches) -> dict[str, float]:
+    """What a user can read off their own data before training (issue 16, step 7): over
+    the target tokens of ``batches`` (collated, teacher-forced), the mean probability the
+    model gives the target and the share of targets that are the model's argmax. The
+    plugin logs the same from a user's first step (``otr/first_window_*``)."""
+    p_sum = torch.zeros(())
+    hits = torch.zeros((), dtype=torch.long)
+    n = torch.zeros((), dtype=torch.long)
+    for batch in batches:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        labels = batch["labels"][:, 1:]
+        logits = out.logits[:, :-1].float()
+        mask = labels != -100
+        target = labels.clamp(min=0)
+        p = logits.softmax(-1).gather(-1, target[..., None])[..., 0]
+        p_sum += (p * mask).sum()
+        hits += ((logits.argmax(-1) == target) & mask).sum()
+        n += mask.sum()
+    return {
+        "p_target": round(float(p_sum / n), 4),
+        "argmax_share": round(float(hits / n), 4),
+        "tokens": int(n),
+    }
+
+
 class RunCache:
     """One JSON file per finished run, named by a hash of everything that defines it.
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from common import METHODS, FineTunes, RunCache
+from common import token_measures as common_token_measures
 from scale1 import (
     BASE_TASKS,
     accuracy,
@@ -146,25 +147,9 @@ def evaluator(sets: dict[str, list]):
     return evaluate
 
 
-@torch.no_grad()
 def token_measures(model, examples: list[dict]) -> dict[str, float]:
-    """What a user can read off their own data before training: over the target tokens of
-    ``examples`` (teacher-forced), the mean probability the model gives the target and the
-    share of targets that are the model's argmax (issue 16, step 7)."""
-    batch = collate(examples)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    logits = logits[:, :-1].float()
-    mask = labels != -100
-    target = labels.clamp(min=0)
-    p = logits.softmax(-1).gather(-1, target[..., None])[..., 0]
-    hit = logits.argmax(-1) == target
-    n = mask.sum()
-    return {
-        "p_target": round(float((p * mask).sum() / n), 4),
-        "argmax_share": round(float((hit & mask).sum() / n), 4),
-        "tokens": int(n),
-    }
+    """``common.token_measures`` of ``examples`` in one batch."""
+    return common_token_measures(model, [collate(examples)])
 
 
 def base_model(cfg: dict, workdir: str, quick: bool, log) -> tuple[Any, dict]:

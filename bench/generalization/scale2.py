@@ -41,6 +41,7 @@ from common import (
     train,
     write_json,
 )
+from common import token_measures as common_token_measures
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bumped whenever a change alters what a run measures (scoring, evaluation, data): part
@@ -247,30 +248,11 @@ def target_ce(model, tok, items: list[dict], batch: int = 50) -> float:
     return float(total) / max(count, 1)
 
 
-@torch.no_grad()
 def token_measures(model, examples: list[dict], pad_id: int, batch: int = 25) -> dict:
-    """Over the target tokens of ``examples`` (teacher-forced): the mean probability the
-    model gives the target and the share of targets that are its argmax, the measures
-    the plugin logs from a user's first step (``otr/first_window_*``)."""
+    """``common.token_measures`` of ``examples``, ``batch`` at a time."""
     collate = make_collate(pad_id)
-    p_sum = torch.zeros((), dtype=torch.float64)
-    hits, count = 0, 0
-    for s in range(0, len(examples), batch):
-        b = collate(examples[s : s + batch])
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        labels = b["labels"][:, 1:]
-        mask = labels != -100
-        target = labels.clamp(min=0)
-        logits = logits[:, :-1].float()
-        p = logits.softmax(-1).gather(-1, target[..., None])[..., 0]
-        p_sum += (p * mask).sum().double()
-        hits += int(((logits.argmax(-1) == target) & mask).sum())
-        count += int(mask.sum())
-    return {
-        "p_target": round(float(p_sum) / count, 4),
-        "argmax_share": round(hits / count, 4),
-        "tokens": count,
-    }
+    parts = (collate(examples[s : s + batch]) for s in range(0, len(examples), batch))
+    return common_token_measures(model, parts)
 
 
 def bits(flags: list[bool]) -> str:
