@@ -402,3 +402,43 @@ def test_token_measures_do_not_depend_on_the_batching() -> None:
     parts = token_measures(model, (collate(examples[i : i + 3]) for i in range(0, 10, 3)))
     assert whole["tokens"] == parts["tokens"] == sum(n - 2 for n in range(3, 13))
     assert whole == parts and 0 < whole["p_target"] < 1
+
+
+def test_family_mean_bootstrap_is_stratified() -> None:
+    """The mean over families weighs every family alike: a gain on the largest family
+    alone is a pooled win but a smaller family-mean difference, and its interval comes
+    from resampling within families (every replicate keeps every family)."""
+    families = ["letter"] * 300 + ["mul"] * 20 + ["div"] * 20
+    rng = np.random.default_rng(1)
+    sft = (rng.random((3, 340)) < 0.3).astype(float)
+    better = sft.copy()
+    better[:, :300] = np.maximum(better[:, :300], rng.random((3, 300)) < 0.5)  # letters only
+    pooled = stats.paired_bootstrap(better, sft)
+    fam = stats.paired_bootstrap(better, sft, strata=families)
+    d = better - sft
+    per_family = [d[:, :300].mean(), d[:, 300:320].mean(), d[:, 320:].mean()]
+    assert fam["mean"] == pytest.approx(np.mean(per_family))
+    assert fam["mean"] == pytest.approx(pooled["mean"] * 340 / 300 / 3)
+    assert pooled["verdict"] == "win" and fam["lo"] <= fam["mean"] <= fam["hi"]
+    # a loss confined to two small families: the pooled mean barely moves, the family mean does
+    worse = sft.copy()
+    worse[:, 300:] = 0.0
+    sft_hi = sft.copy()
+    sft_hi[:, 300:] = 1.0
+    assert stats.paired_bootstrap(worse, sft_hi, strata=families)["verdict"] == "loss"
+    one = stats.paired_bootstrap(better, sft, strata=["x"] * 340)  # one group = pooled mean
+    assert one["mean"] == pytest.approx(pooled["mean"])
+    with pytest.raises(ValueError, match="one label per item"):
+        stats.paired_bootstrap(better, sft, strata=families[:10])
+    runs = [
+        {"setting": "best_lr", "method": m, "seed": s, "items": {"retention": bits}}
+        for s in range(3)
+        for m, bits in (("sft", "0" * 300 + "1" * 40), ("dft", "1" * 300 + "0" * 40))
+    ]
+    with pytest.raises(ValueError, match="group of every item"):
+        stats.versus_sft(runs, "best_lr", "dft", "retention_family_mean")
+    r = stats.versus_sft(runs, "best_lr", "dft", "retention_family_mean", strata=families)
+    assert r["mean"] == pytest.approx((1 - 1 - 1) / 3) and r["verdict"] == "loss"
+    assert stats.versus_sft(runs, "best_lr", "dft", "retention")["verdict"] == "win"
+    table = stats.bootstrap_table(runs, ["retention", "retention_family_mean"], strata=families)
+    assert "win" in table and "loss" in table

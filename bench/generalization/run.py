@@ -59,6 +59,20 @@ def check(payload: dict) -> None:
         for key in ("in_domain", "ood", "retention"):
             v = r[key]
             assert isinstance(v, float | int) and math.isfinite(v) and 0.0 <= v <= 1.0, (key, r)
+    families = payload.get("retention_item_families")
+    for r in payload["runs"] if families else ():  # the groups line up with the item records
+        bits = r.get("items", {}).get("retention")
+        if bits is None or "retention_family_mean" not in r:
+            continue
+        assert len(bits) == len(families), ("retention items", len(bits), len(families))
+        by = {}
+        for bit, fam in zip(bits, families, strict=True):
+            by.setdefault(fam, []).append(bit == "1")
+        mean = sum(sum(v) / len(v) for v in by.values()) / len(by)
+        assert abs(mean - r["retention_family_mean"]) < 1e-3, (
+            mean,
+            r["retention_family_mean"],
+        )  # rounded
 
 
 def _tables(out: str, name: str, payload: dict) -> None:
@@ -86,13 +100,18 @@ def _tables(out: str, name: str, payload: dict) -> None:
     metrics = [
         m for m in BOOTSTRAP_METRICS if any(m in r.get("items", {}) for r in payload["runs"])
     ]
+    # the mean over the probe's families, stratified by family (stats.STRATIFIED)
+    strata = {m: payload.get(key) for m, (_, key) in stats.STRATIFIED.items()}
+    metrics += [m for m, groups in strata.items() if groups and m not in metrics]
     for setting in compared if metrics else ():
         text += [
             f"## method - SFT, 95% paired bootstrap over seeds and items, setting {setting}",
             "",
             "A win or a loss only where the interval excludes 0 (bench/generalization/stats.py).",
             "",
-            stats.bootstrap_table(payload["runs"], metrics, setting),
+            stats.bootstrap_table(
+                payload["runs"], metrics, setting, strata=strata.get("retention_family_mean")
+            ),
             "",
         ]
     text += ["## All runs (mean ± sample std over seeds)", "", common.table(payload["summary"]), ""]

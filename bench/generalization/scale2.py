@@ -771,6 +771,7 @@ def run(
         },
         "base_items": base_eval["items"],
         "retention_families": sizes,
+        "retention_item_families": [x["family"] for x in keep],  # in the items' order
         "earlier_retention_set": old_key and {**old_key, "kept_n": len(old)},
         "best_lr": best_lr,
         "best_lr_source": (
