@@ -442,3 +442,48 @@ def test_family_mean_bootstrap_is_stratified() -> None:
     assert stats.versus_sft(runs, "best_lr", "dft", "retention")["verdict"] == "win"
     table = stats.bootstrap_table(runs, ["retention", "retention_family_mean"], strata=families)
     assert "win" in table and "loss" in table
+
+
+def test_tables_give_the_family_mean_interval_and_check_its_groups(tmp_path: Path) -> None:
+    """A scale-2 payload with each retention item's family gets the stratified family-mean
+    interval in its tables; groups that do not match the item records are refused."""
+    import run
+
+    families = ["letter"] * 6 + ["mul"] * 2
+    runs = []
+    for seed in range(3):
+        for method, bits in (("sft", "00000011"), ("dft", "11111100")):
+            by: dict[str, list[bool]] = {}
+            for bit, fam in zip(bits, families, strict=True):
+                by.setdefault(fam, []).append(bit == "1")
+            runs.append(
+                {
+                    "setting": "best_lr",
+                    "method": method,
+                    "seed": seed,
+                    "lr": 1e-4,
+                    "in_domain": 0.5,
+                    "ood": 0.5,
+                    "retention": bits.count("1") / 8,
+                    "retention_family_mean": sum(sum(v) / len(v) for v in by.values()) / 2,
+                    "items": {"retention": bits},
+                }
+            )
+    payload = {
+        "scale": "2: test",
+        "runtime_s": 0.0,
+        "base_model": {"in_domain": 0.1, "ood": 0.1, "retention": 1.0},
+        "retention_item_families": families,
+        "runs": runs,
+    }
+    run._save(str(tmp_path), "real_model_t", payload)
+    text = (tmp_path / "real_model_t_tables.md").read_text()
+    assert "retention_family_mean - sft" in text
+    # pooled: +6 letters - 2 products of 8 = +0.5; per family +1 and -1: mean over families 0
+    row = next(line for line in text.splitlines() if line.startswith("| dft | +0.500"))
+    assert row.endswith("| +0.000 [+0.000, +0.000] no difference (3 x 8) |")
+    with pytest.raises(AssertionError, match="retention items"):
+        run._save(str(tmp_path), "bad", {**payload, "retention_item_families": families[:-1]})
+    swapped = families[2:] + families[:2]  # same sizes, wrong items: the family means differ
+    with pytest.raises(AssertionError):
+        run._save(str(tmp_path), "bad", {**payload, "retention_item_families": swapped})
