@@ -24,6 +24,14 @@ import numpy as np
 STRATIFIED = {"retention_family_mean": ("retention", "retention_item_families")}
 
 
+def group_mean(values: Sequence[float], strata: Sequence[str]) -> float:
+    """The mean over groups of each group's mean of ``values`` (one label per value)."""
+    x, labels = np.asarray(values, dtype=np.float64), np.asarray(list(strata))
+    if labels.shape != x.shape:
+        raise ValueError(f"strata: need one label per item ({x.size}), got {labels.shape}")
+    return float(np.mean([x[labels == g].mean() for g in dict.fromkeys(labels.tolist())]))
+
+
 def paired_bootstrap(
     method: np.ndarray,
     sft: np.ndarray,
@@ -59,7 +67,7 @@ def paired_bootstrap(
             w_item = rng.multinomial(n, np.full(n, 1 / n), size=n_boot)
             means += np.einsum("rs,si,ri->r", w_seed, d[:, idx], w_item) / (n_seeds * n)
         means /= len(groups)
-        point = float(np.mean([d[:, idx].mean() for idx in groups]))
+        point = group_mean(d.mean(axis=0), labels)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     verdict = "win" if lo > 0 else "loss" if hi < 0 else "no difference"
     return {"mean": point, "lo": float(lo), "hi": float(hi), "verdict": verdict}
