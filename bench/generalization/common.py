@@ -65,7 +65,7 @@ def token_measures(model, batches) -> dict[str, float]:
     the target tokens of ``batches`` (collated, teacher-forced), the mean probability the
     model gives the target and the share of targets that are the model's argmax. The
     plugin logs the same from a user's first step (``otr/first_window_*``)."""
-    p_sum = torch.zeros(())
+    p_sum = torch.zeros((), dtype=torch.float64)  # a sum over thousands of tokens
     hits = torch.zeros((), dtype=torch.long)
     n = torch.zeros((), dtype=torch.long)
     for batch in batches:
@@ -75,7 +75,7 @@ def token_measures(model, batches) -> dict[str, float]:
         mask = labels != -100
         target = labels.clamp(min=0)
         p = logits.softmax(-1).gather(-1, target[..., None])[..., 0]
-        p_sum += (p * mask).sum()
+        p_sum += (p * mask).sum(dtype=torch.float64)
         hits += ((logits.argmax(-1) == target) & mask).sum()
         n += mask.sum()
     return {
