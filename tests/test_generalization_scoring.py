@@ -294,6 +294,11 @@ def test_forgetting_curves_and_tradeoff_points_read_their_records(tmp_path: Path
              "runs": [run("tradeoff", "dft", 0, 100, 0.9, 0.7, lr=3e-4),
                       run("tradeoff", "dft", 0, 100, 0.8, 0.9, lr=1e-4)]}  # fmt: skip
     assert views.tradeoff_points(trade) == {"dft": [(1e-4, 0.8, 0.9), (3e-4, 0.9, 0.7)]}
+    table = views.tradeoff_table(trade).splitlines()  # by LR, the columns every row has
+    assert table[0] == "| method | LR | seed | in_domain | ood | retention |"
+    assert table[2:] == ["| dft | 0.0001 | 0 | 0.800 | 0.000 | 0.900 |",
+                         "| dft | 0.0003 | 0 | 0.900 | 0.000 | 0.700 |"]  # fmt: skip
+    assert views.tradeoff_table(payload) is None  # no trade-off records, no table
     path = tmp_path / "real_model_x.json"
     path.write_text(json.dumps(trade))
     (tmp_path / "real_model_x_progress.json").write_text("{}")  # a report, not a payload

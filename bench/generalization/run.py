@@ -109,6 +109,11 @@ def _tables(out: str, name: str, payload: dict) -> None:
             ),
             "",
         ]
+    import views
+
+    tradeoff = views.tradeoff_table(payload)
+    if tradeoff is not None:
+        text += ["## Trade-off: every swept (method, LR), seed 0, full test sets", "", tradeoff, ""]
     text += ["## All runs (mean ± sample std over seeds)", "", common.table(payload["summary"]), ""]
     with open(os.path.join(out, f"{name}_tables.md"), "w") as f:
         f.write("\n".join(text))

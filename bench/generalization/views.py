@@ -64,6 +64,26 @@ def tradeoff_points(payload: dict) -> dict[str, list[tuple[float, float, float]]
     return {m: sorted(p) for m, p in out.items()}
 
 
+TRADEOFF_COLUMNS = ("in_domain", "ood", "retention", "retention_family_mean")
+
+
+def tradeoff_table(payload: dict) -> str | None:
+    """The trade-off records as a markdown table, a row per (method, LR), by method then
+    LR: the plot's numbers, with OOD and the family-weighted retention next to them."""
+    rows = sorted(
+        (r for r in payload["runs"] if r.get("setting") == "tradeoff"),
+        key=lambda r: (r["method"], r["lr"]),
+    )
+    if not rows:
+        return None
+    cols = [c for c in TRADEOFF_COLUMNS if all(c in r for r in rows)]
+    out = ["| method | LR | seed | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
+    for r in rows:
+        cells = " | ".join(f"{r[c]:.3f}" for c in cols)
+        out.append(f"| {r['method']} | {r['lr']:g} | {r['seed']} | {cells} |")
+    return "\n".join(out)
+
+
 def _figure(width: float, panels: int):
     import matplotlib
 
