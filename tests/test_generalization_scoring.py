@@ -492,3 +492,38 @@ def test_tables_give_the_family_mean_interval_and_check_its_groups(tmp_path: Pat
     swapped = families[2:] + families[:2]  # same sizes, wrong items: the family means differ
     with pytest.raises(AssertionError):
         run._save(str(tmp_path), "bad", {**payload, "retention_item_families": swapped})
+
+
+def test_a_missing_snapshot_is_retrained_and_the_retrain_is_checked(tmp_path: Path) -> None:
+    """A snapshot that is on disk is read as it is; one that is gone is made again by
+    retraining, and the record says whether the retrain ended where the cached run did;
+    a retrain that writes no snapshot is an error, not a silent read of nothing."""
+    import scale2
+
+    final = {"val_in_domain": 0.9, "val_ce": 0.25}
+    lines: list[str] = []
+    calls: list[str] = []
+
+    def retrain(ends: dict, write: bool = True):
+        def go() -> dict:
+            calls.append("retrain")
+            if write:
+                (tmp_path / "step50").mkdir(exist_ok=True)
+            return ends
+
+        return go
+
+    adapter = str(tmp_path / "step50")
+    same = scale2.snapshot_or_retrain(adapter, retrain(dict(final)), final, lines.append)
+    assert same == {"matches_final": True} and calls == ["retrain"]
+    assert scale2.snapshot_or_retrain(adapter, retrain(final), final, lines.append) is None
+    assert calls == ["retrain"]  # on disk: not retrained
+    other = str(tmp_path / "step60")
+    with pytest.raises(RuntimeError, match="did not write"):
+        scale2.snapshot_or_retrain(other, retrain(final, write=False), final, lines.append)
+    (tmp_path / "step50").rmdir()
+    moved = {"val_in_domain": 0.9, "val_ce": 0.26}
+    assert scale2.snapshot_or_retrain(adapter, retrain(moved), final, lines.append) == {
+        "matches_final": False
+    }
+    assert any("WARNING" in line for line in lines)

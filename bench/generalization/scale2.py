@@ -25,6 +25,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 
 import probe
 import scoring
@@ -364,6 +365,28 @@ def results_name(task: str, mode: str = "main") -> str:
     return f"real_model_{task}" + ("" if mode == "main" else f"_{mode}")
 
 
+def snapshot_or_retrain(
+    adapter: str, retrain: Callable[[], dict], final: dict, log: Callable[[str], None]
+) -> dict | None:
+    """Make sure a best-LR run's snapshot ``adapter`` is on disk before it is read.
+
+    None when it is there. When it is gone (a new machine: the run cache is committed, the
+    adapters are not), ``retrain()`` trains the seeded run again with its snapshots; the
+    returned record says whether it ended where the cached run ``final`` did (validation
+    accuracy and CE), so a reading from a not bit-identical retrain is marked, not hidden.
+    """
+    if os.path.isdir(adapter):
+        return None
+    log(f"  {adapter} is missing: retraining its run for the snapshots")
+    again = retrain()
+    if not os.path.isdir(adapter):
+        raise RuntimeError(f"retraining did not write the snapshot {adapter}")
+    same = all(again[k] == final[k] for k in ("val_in_domain", "val_ce"))
+    if not same:
+        log("  WARNING: the retrained run ends elsewhere than the cached one")
+    return {"matches_final": same}
+
+
 def run_identity(spec: tasks.Task, cfg: dict, retention: dict) -> dict:
     """Everything that defines a scale-2 run's data, scoring and model (every cache key
     starts from it): code version, model, the task (ranges, prompt, data seeds), split
@@ -661,15 +684,12 @@ def run(
             else:
                 folder = snapshots(method, lr, seed)
                 adapter = os.path.join(folder, f"step{at_step}")
-                retrained = None
-                if not os.path.isdir(adapter):
-                    log(f"  {adapter} is missing: retraining its run for the snapshots")
-                    again = _train(method, lr, seed, snapshot_dir=folder)
-                    final = full_eval(method, lr, seed)
-                    same = all(again[k] == final[k] for k in ("val_in_domain", "val_ce"))
-                    if not same:  # not bit-identical here: the record says so
-                        log("  WARNING: the retrained run ends elsewhere than the cached one")
-                    retrained = {"matches_final": same}
+                retrained = snapshot_or_retrain(
+                    adapter,
+                    lambda: _train(method, lr, seed, snapshot_dir=folder),
+                    full_eval(method, lr, seed),
+                    log,
+                )
                 cached, _ = evaluate_adapter(adapter)
                 if retrained is not None:
                     cached["snapshot_retrained"] = retrained
