@@ -504,6 +504,10 @@ def test_a_missing_snapshot_is_retrained_and_the_retrain_is_checked(tmp_path: Pa
     lines: list[str] = []
     calls: list[str] = []
 
+    def cached() -> dict:  # the cached run's record, read only when a retrain happened
+        calls.append("read")
+        return final
+
     def retrain(ends: dict, write: bool = True):
         def go() -> dict:
             calls.append("retrain")
@@ -514,16 +518,16 @@ def test_a_missing_snapshot_is_retrained_and_the_retrain_is_checked(tmp_path: Pa
         return go
 
     adapter = str(tmp_path / "step50")
-    same = scale2.snapshot_or_retrain(adapter, retrain(dict(final)), final, lines.append)
-    assert same == {"matches_final": True} and calls == ["retrain"]
-    assert scale2.snapshot_or_retrain(adapter, retrain(final), final, lines.append) is None
-    assert calls == ["retrain"]  # on disk: not retrained
+    same = scale2.snapshot_or_retrain(adapter, retrain(dict(final)), cached, lines.append)
+    assert same == {"matches_final": True} and calls == ["retrain", "read"]
+    assert scale2.snapshot_or_retrain(adapter, retrain(final), cached, lines.append) is None
+    assert calls == ["retrain", "read"]  # on disk: not retrained, nothing read
     other = str(tmp_path / "step60")
     with pytest.raises(RuntimeError, match="did not write"):
-        scale2.snapshot_or_retrain(other, retrain(final, write=False), final, lines.append)
+        scale2.snapshot_or_retrain(other, retrain(final, write=False), cached, lines.append)
     (tmp_path / "step50").rmdir()
     moved = {"val_in_domain": 0.9, "val_ce": 0.26}
-    assert scale2.snapshot_or_retrain(adapter, retrain(moved), final, lines.append) == {
+    assert scale2.snapshot_or_retrain(adapter, retrain(moved), cached, lines.append) == {
         "matches_final": False
     }
     assert any("WARNING" in line for line in lines)

@@ -366,14 +366,18 @@ def results_name(task: str, mode: str = "main") -> str:
 
 
 def snapshot_or_retrain(
-    adapter: str, retrain: Callable[[], dict], final: dict, log: Callable[[str], None]
+    adapter: str,
+    retrain: Callable[[], dict],
+    final: Callable[[], dict],
+    log: Callable[[str], None],
 ) -> dict | None:
     """Make sure a best-LR run's snapshot ``adapter`` is on disk before it is read.
 
     None when it is there. When it is gone (a new machine: the run cache is committed, the
     adapters are not), ``retrain()`` trains the seeded run again with its snapshots; the
-    returned record says whether it ended where the cached run ``final`` did (validation
-    accuracy and CE), so a reading from a not bit-identical retrain is marked, not hidden.
+    returned record says whether it ended where the cached run ``final()`` did
+    (validation accuracy and CE; read only then), so a reading from a not bit-identical
+    retrain is marked, not hidden.
     """
     if os.path.isdir(adapter):
         return None
@@ -381,7 +385,8 @@ def snapshot_or_retrain(
     again = retrain()
     if not os.path.isdir(adapter):
         raise RuntimeError(f"retraining did not write the snapshot {adapter}")
-    same = all(again[k] == final[k] for k in ("val_in_domain", "val_ce"))
+    cached = final()
+    same = all(again[k] == cached[k] for k in ("val_in_domain", "val_ce"))
     if not same:
         log("  WARNING: the retrained run ends elsewhere than the cached one")
     return {"matches_final": same}
@@ -687,7 +692,7 @@ def run(
                 retrained = snapshot_or_retrain(
                     adapter,
                     lambda: _train(method, lr, seed, snapshot_dir=folder),
-                    full_eval(method, lr, seed),
+                    lambda: full_eval(method, lr, seed),
                     log,
                 )
                 cached, _ = evaluate_adapter(adapter)
