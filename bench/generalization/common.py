@@ -12,6 +12,7 @@ import json
 import math
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -594,9 +595,13 @@ def difference_table(payload: dict, metric: str, setting: str = "best_lr") -> st
 
 
 def write_json(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    # A temporary name per writer: two shards may write the same record (the base
+    # evaluation) at the same moment, and a shared ".tmp" name let one replace the
+    # other's file away.
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
         json.dump(payload, f, indent=1)
     os.replace(tmp, path)
 
