@@ -531,3 +531,23 @@ def test_a_missing_snapshot_is_retrained_and_the_retrain_is_checked(tmp_path: Pa
         "matches_final": False
     }
     assert any("WARNING" in line for line in lines)
+
+
+def test_two_writers_of_one_record_do_not_collide(tmp_path: Path, monkeypatch) -> None:
+    """Two shards write the base record at once: a second writer that finishes between
+    the first one's dump and its rename must not take the first one's file away."""
+    import common
+
+    path = str(tmp_path / "record.json")
+    real_replace, nested = common.os.replace, []
+
+    def replace_after_another_writer(src: str, dst: str) -> None:
+        if not nested:
+            nested.append(True)
+            common.write_json(path, {"writer": 2})
+        real_replace(src, dst)
+
+    monkeypatch.setattr(common.os, "replace", replace_after_another_writer)
+    common.write_json(path, {"writer": 1})
+    assert json.loads(Path(path).read_text()) == {"writer": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["record.json"]
