@@ -533,8 +533,10 @@ def run(
 
     identity = run_identity(spec, cfg, {**keep_key, "n": len(keep), "old": old_key})
     t0 = time.perf_counter()
-    base_eval = cache.get({**identity, "base": True}) or evaluate_full(base)
-    cache.put({**identity, "base": True}, base_eval)
+    base_eval = cache.get({**identity, "base": True})
+    if base_eval is None:  # written once, when computed (a shard that reads it writes nothing)
+        base_eval = evaluate_full(base)
+        cache.put({**identity, "base": True}, base_eval)
     log(
         f"  base model: { {k: v for k, v in base_eval.items() if k != 'items'} } "
         f"({time.perf_counter() - t0:.1f} s)"
