@@ -551,3 +551,50 @@ def test_two_writers_of_one_record_do_not_collide(tmp_path: Path, monkeypatch) -
     common.write_json(path, {"writer": 1})
     assert json.loads(Path(path).read_text()) == {"writer": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["record.json"]
+
+
+def test_scale2_progress_keeps_forgetting_runs_apart(tmp_path: Path) -> None:
+    """The forgetting runs (3x the steps) share the task's cache: the usual report leaves
+    them out, --forgetting reads each at every multiple of the usual steps."""
+    import scale2_progress
+
+    def put(name, config, result):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"config": config, "result": result}))
+
+    def result(ok):
+        bits = "1" * ok + "0" * (10 - ok)
+        return {"in_domain": ok / 10, "ood": 0.0, "retention": ok / 10, "retention_lenient": 0.5,
+                "retention_family_mean": 0.5, "retention_letter": ok / 10,
+                "retention_letter_lenient": 0.5,
+                "items": {"in_domain": bits, "ood": "0" * 10, "retention": bits,
+                          "retention_lenient": "1" * 5 + "0" * 5}}  # fmt: skip
+
+    def run(method, seed, steps, at_step=None):
+        config = {"method": {"name": method}, "lr": 3e-4, "seed": seed, "eval": "full",
+                  "train": {"steps": steps}}  # fmt: skip
+        if at_step is not None:
+            config["at_step"] = at_step
+        return config
+
+    put("base", {"base": True}, {"in_domain": 0.5, "items": {}})
+    put("sft100", run("sft", 0, 100), result(9))
+    for method, ok in (("sft", 6), ("dft", 8)):
+        put(f"{method}300", run(method, 0, 300), result(ok - 2))
+        put(f"{method}300at100", run(method, 0, 300, 100), result(ok))
+        put(f"{method}300at200", run(method, 0, 300, 200), result(ok - 1))
+    put("sft300at90", run("sft", 0, 300, 90), result(1))  # not a multiple: not a read
+    records = scale2_progress.cached(str(tmp_path))
+    usual = scale2_progress.report(records)
+    assert list(usual["best_lr_runs"]) == ["sft"]
+    assert usual["best_lr_runs"]["sft"]["in_domain"] == [0.9]
+    rep = scale2_progress.forgetting_report(records)
+    assert rep["steps"] == [100, 200, 300]
+    assert rep["runs"]["sft"]["reads"][100]["in_domain"] == [0.6]
+    assert [rep["runs"]["dft"]["reads"][s]["in_domain"][0] for s in (100, 200, 300)] == [
+        0.8,
+        0.7,
+        0.6,
+    ]
+    assert rep["versus_sft"]["dft"][200]["in_domain"]["mean"] == pytest.approx(0.2)
+    text = scale2_progress.forgetting_markdown("x", rep)
+    assert "(1 of 3 seeds)" in text and "win" not in text

@@ -9,8 +9,15 @@ strict and lenient, the family mean), and each method minus SFT with its paired-
 95% interval on the seeds both have (``stats.py``). A method's LR is the one its full
 evaluations were run at (the runner chose it from the complete sweep).
 
+``--forgetting`` reads the same cache's forgetting runs instead (``run.py --scale 2
+--forgetting``: trained to 3x the usual steps, read at every multiple of them): per
+method and read step, the seeds done and their figures, and method minus SFT. The usual
+report leaves those longer runs out.
+
     python bench/generalization/scale2_progress.py --task add1d
     # -> bench/results/real_model_add1d_progress.json and .md
+    python bench/generalization/scale2_progress.py --task add2d --forgetting
+    # -> bench/results/real_model_add2d_forgetting_progress.json and .md
 """
 
 from __future__ import annotations
@@ -30,12 +37,15 @@ import stats  # noqa: E402
 METRICS = ("in_domain", "ood", "retention", "retention_lenient", "retention_family_mean")
 COMPARED = ("in_domain", "ood", "retention", "retention_lenient")
 SEEDS = 3  # the protocol's seeds (scale2.FULL)
+STEPS = 100  # the usual training steps (scale2.FULL)
+FORGETTING_STEPS = 3 * STEPS  # scale2.FORGETTING_FACTOR x the usual steps
 
 
 def cached(folder: str) -> list[dict]:
     """Every record of the folder as {kind, method, lr, seed, **result}; kind is "base",
     "measures" (its token measures), "sweep" (validation only), "full" (a best-LR or
-    trade-off run) or "at_step"."""
+    trade-off run) or "at_step" (a snapshot of a run read fully); steps: the run's
+    training steps (None where the config does not say)."""
     out = []
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         with open(path) as f:
@@ -50,8 +60,10 @@ def cached(folder: str) -> list[dict]:
         else:
             kind = "full" if config.get("eval") == "full" else "sweep"
         method = config.get("method", {}).get("name")
+        steps = (config.get("train") or {}).get("steps")
         out.append({**result, "kind": kind, "method": method, "lr": config.get("lr"),
-                    "seed": config.get("seed")})  # fmt: skip
+                    "seed": config.get("seed"), "steps": steps,
+                    "at_step": config.get("at_step")})  # fmt: skip
     return out
 
 
@@ -63,7 +75,7 @@ def report(records: list[dict]) -> dict:
           "val_ce": r["val_ce"]} for r in records if r["kind"] == "sweep"),
         key=lambda r: (r["method"], r["lr"]),
     )  # fmt: skip
-    full = [r for r in records if r["kind"] == "full"]
+    full = [r for r in records if r["kind"] == "full" and r["steps"] in (None, STEPS)]
     methods = list(dict.fromkeys(r["method"] for r in sweep + full))
     best = {}
     for m in methods:
@@ -101,12 +113,77 @@ def report(records: list[dict]) -> dict:
     for m in per_method:
         if m != "sft":
             versus[m] = {k: stats.versus_sft(runs, "best_lr", m, k) for k in COMPARED}
-    drop = ("items", "kind", "method", "lr", "seed")
+    drop = ("items", "kind", "method", "lr", "seed", "steps", "at_step")
     base_summary = {k: v for k, v in (base or {}).items() if k not in drop}
     measures = next((r for r in records if r["kind"] == "measures"), None)
     if measures:
         base_summary["token_measures"] = {k: v for k, v in measures.items() if k not in drop}
     return {"base": base_summary, "sweep": sweep, "best_lr_runs": per_method, "versus_sft": versus}
+
+
+def forgetting_report(records: list[dict]) -> dict:
+    """The forgetting runs of one task's records: per method, its LR and, per read step
+    (every multiple of ``STEPS`` up to ``FORGETTING_STEPS``), the seeds read and their
+    figures; and method minus SFT per read step on the seeds both have."""
+    longer = [r for r in records if r["steps"] == FORGETTING_STEPS]
+    runs = []
+    for r in longer:
+        if r["kind"] == "full":
+            runs.append({**r, "read_step": FORGETTING_STEPS})
+        elif r["kind"] == "at_step" and r["at_step"] % STEPS == 0:
+            runs.append({**r, "read_step": r["at_step"]})
+    steps = list(range(STEPS, FORGETTING_STEPS + 1, STEPS))
+    for r in runs:
+        r["setting"] = f"forgetting_{r['read_step']}"
+    methods = list(dict.fromkeys(r["method"] for r in sorted(runs, key=lambda r: r["seed"])))
+    per_method = {}
+    for m in methods:
+        mine = [r for r in runs if r["method"] == m]
+        per_method[m] = {"lr": sorted({r["lr"] for r in mine}), "reads": {}}
+        for step in steps:
+            at = sorted((r for r in mine if r["read_step"] == step), key=lambda r: r["seed"])
+            if at:
+                per_method[m]["reads"][step] = {
+                    "seeds": [r["seed"] for r in at],
+                    **{k: [round(r[k], 4) for r in at] for k in METRICS if k in at[0]},
+                }
+    versus = {
+        m: {step: {k: stats.versus_sft(runs, f"forgetting_{step}", m, k) for k in COMPARED}
+            for step in steps}
+        for m in per_method if m != "sft"
+    }  # fmt: skip
+    return {"steps": steps, "runs": per_method, "versus_sft": versus}
+
+
+def _interval(c: dict | None) -> str:
+    if c is None:
+        return "-"
+    seeds = c["verdict"] if c["n_seeds"] >= SEEDS else f"({c['n_seeds']} of {SEEDS} seeds)"
+    return f"{c['mean']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}] {seeds}"
+
+
+def forgetting_markdown(task: str, rep: dict) -> str:
+    lines = [f"# Scale 2, task {task}: forgetting runs in the cache so far", "",
+             f"Each run trained {FORGETTING_STEPS} steps, read fully at {rep['steps']}. "
+             "The runner caches a run's last read when its training is done, then reads "
+             "its earlier snapshots.", "",
+             "## Runs done (one value per seed)", "",
+             "| method | LR | step | seeds | " + " | ".join(METRICS) + " |",
+             "|---" * (4 + len(METRICS)) + "|"]  # fmt: skip
+    for m, r in rep["runs"].items():
+        lrs = ", ".join(f"{lr:g}" for lr in r["lr"])
+        for step, at in r["reads"].items():
+            cells = [", ".join(f"{v:.3f}" for v in at.get(k, [])) for k in METRICS]
+            lines.append(f"| {m} | {lrs} | {step} | {at['seeds']} | " + " | ".join(cells) + " |")
+    lines += ["", "## Method - SFT per read step, 95% paired bootstrap on the seeds both have",
+              "", f"A verdict only with all {SEEDS} seeds.", "",
+              "| method | step | " + " | ".join(COMPARED) + " |",
+              "|---" * (2 + len(COMPARED)) + "|"]  # fmt: skip
+    for m, by_step in rep["versus_sft"].items():
+        for step, cmp in by_step.items():
+            cells = [_interval(cmp[k]) for k in COMPARED]
+            lines.append(f"| {m} | {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(task: str, rep: dict) -> str:
@@ -138,11 +215,7 @@ def markdown(task: str, rep: dict) -> str:
               "items and too few seeds to show the seed-to-seed spread.", ""]  # fmt: skip
     lines += ["| method | " + " | ".join(COMPARED) + " |", "|---" * (1 + len(COMPARED)) + "|"]
     for m, cmp in rep["versus_sft"].items():
-        cells = [
-            "-" if c is None else f"{c['mean']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}] "
-            + (c["verdict"] if c["n_seeds"] >= SEEDS else f"({c['n_seeds']} of {SEEDS} seeds)")
-            for c in (cmp[k] for k in COMPARED)
-        ]  # fmt: skip
+        cells = [_interval(cmp[k]) for k in COMPARED]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -151,15 +224,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", default="add1d")
     ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--forgetting", action="store_true", help="the forgetting runs instead")
     args = ap.parse_args(argv)
     folder = os.path.join(args.results, "runs", f"real_model_{args.task}")
     if not os.path.isdir(folder):
         raise SystemExit(f"no run cache for task {args.task} at {folder}")
-    rep = report(cached(folder))
-    stem = os.path.join(args.results, f"real_model_{args.task}_progress")
+    if args.forgetting:
+        rep = forgetting_report(cached(folder))
+        stem = os.path.join(args.results, f"real_model_{args.task}_forgetting_progress")
+        text = forgetting_markdown(args.task, rep)
+    else:
+        rep = report(cached(folder))
+        stem = os.path.join(args.results, f"real_model_{args.task}_progress")
+        text = markdown(args.task, rep)
     with open(stem + ".json", "w") as f:
         json.dump(rep, f, indent=1)
-    text = markdown(args.task, rep)
     with open(stem + ".md", "w") as f:
         f.write(text)
     print(text)
