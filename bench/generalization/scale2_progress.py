@@ -9,10 +9,11 @@ strict and lenient, the family mean), and each method minus SFT with its paired-
 95% interval on the seeds both have (``stats.py``). A method's LR is the one its full
 evaluations were run at (the runner chose it from the complete sweep).
 
-``--forgetting`` reads the same cache's forgetting runs instead (``run.py --scale 2
---forgetting``: trained to 3x the usual steps, read at every multiple of them): per
-method and read step, the seeds done and their figures, and method minus SFT. The usual
-report leaves those longer runs out.
+``--forgetting`` reads the task's forgetting runs instead (``run.py --scale 2
+--forgetting``, cached in ``bench/results/runs/real_model_T_forgetting``: trained to 3x
+the usual steps, read at every multiple of them): per method and read step, the seeds
+done and their figures, and method minus SFT. Each report keeps to runs of its own
+length, whichever folder holds them.
 
     python bench/generalization/scale2_progress.py --task add1d
     # -> bench/results/real_model_add1d_progress.json and .md
@@ -226,12 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--forgetting", action="store_true", help="the forgetting runs instead")
     args = ap.parse_args(argv)
-    folder = os.path.join(args.results, "runs", f"real_model_{args.task}")
+    name = f"real_model_{args.task}" + ("_forgetting" if args.forgetting else "")
+    folder = os.path.join(args.results, "runs", name)
     if not os.path.isdir(folder):
         raise SystemExit(f"no run cache for task {args.task} at {folder}")
     if args.forgetting:
         rep = forgetting_report(cached(folder))
-        stem = os.path.join(args.results, f"real_model_{args.task}_forgetting_progress")
+        stem = os.path.join(args.results, f"{name}_progress")
         text = forgetting_markdown(args.task, rep)
     else:
         rep = report(cached(folder))
