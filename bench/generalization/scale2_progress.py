@@ -231,13 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     folder = os.path.join(args.results, "runs", name)
     if not os.path.isdir(folder):
         raise SystemExit(f"no run cache for task {args.task} at {folder}")
+    stem = os.path.join(args.results, f"{name}_progress")
     if args.forgetting:
         rep = forgetting_report(cached(folder))
-        stem = os.path.join(args.results, f"{name}_progress")
         text = forgetting_markdown(args.task, rep)
     else:
         rep = report(cached(folder))
-        stem = os.path.join(args.results, f"real_model_{args.task}_progress")
         text = markdown(args.task, rep)
     with open(stem + ".json", "w") as f:
         json.dump(rep, f, indent=1)
