@@ -126,16 +126,14 @@ def forgetting_report(records: list[dict]) -> dict:
     """The forgetting runs of one task's records: per method, its LR and, per read step
     (every multiple of ``STEPS`` up to ``FORGETTING_STEPS``), the seeds read and their
     figures; and method minus SFT per read step on the seeds both have."""
-    longer = [r for r in records if r["steps"] == FORGETTING_STEPS]
-    runs = []
-    for r in longer:
-        if r["kind"] == "full":
-            runs.append({**r, "read_step": FORGETTING_STEPS})
-        elif r["kind"] == "at_step" and r["at_step"] % STEPS == 0:
-            runs.append({**r, "read_step": r["at_step"]})
     steps = list(range(STEPS, FORGETTING_STEPS + 1, STEPS))
-    for r in runs:
-        r["setting"] = f"forgetting_{r['read_step']}"
+    runs = []
+    for r in records:
+        if r["steps"] != FORGETTING_STEPS:
+            continue
+        read = FORGETTING_STEPS if r["kind"] == "full" else r["at_step"]
+        if r["kind"] in ("full", "at_step") and read in steps:
+            runs.append({**r, "read_step": read, "setting": f"forgetting_{read}"})
     methods = list(dict.fromkeys(r["method"] for r in sorted(runs, key=lambda r: r["seed"])))
     per_method = {}
     for m in methods:
