@@ -25,6 +25,7 @@ import json
 import os
 import statistics
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -123,9 +124,12 @@ def _level(name: str, source: str, measures: dict, base: dict, runs: list[dict])
     }
 
 
-def derive(results: str = RESULTS) -> dict[str, Any]:
-    """The map from the result files under ``results`` (deterministic: no time stamps)."""
-    levels, skipped, scopes = [], [], []
+def level_sources(
+    results: str = RESULTS,
+) -> Iterator[tuple[str, str, dict, dict | None, list[dict], dict]]:
+    """Every measured level in ``results``, in file order, as ``(name, source, base,
+    measures, runs, payload)``: ``measures`` None for a level without token measures.
+    ``runs`` are the level's own (a scale-1 level's out of ``continuum.json``)."""
     seen: set[str] = set()  # level models already on the map (weights_sha1)
     # continuum_progress.json: the levels of a scale-1 run still going (complete ones only)
     for stem in ("continuum", "continuum_progress"):
@@ -141,13 +145,9 @@ def derive(results: str = RESULTS) -> dict[str, Any]:
             base = lv.get("base", {})
             name = f"scale 1 level {lv['level']} (base in-domain {base.get(METRIC, NAN):.2f})"
             measures = _measures(lv.get("token_measures"))
-            if measures is None:
-                skipped.append({"name": name, "source": source, "reason": "no token_measures"})
-                continue
             runs = [r for r in payload["runs"] if r.get("level") == lv["level"]]
-            levels.append(_level(name, source, measures, base, runs))
-            scopes.append("continuum")
-            if sha is not None:
+            yield name, source, base, measures, runs, payload
+            if measures is not None and sha is not None:
                 seen.add(sha)
     for path in sorted(glob.glob(os.path.join(results, "real_model*.json"))):
         stem = os.path.splitext(os.path.basename(path))[0]
@@ -157,13 +157,19 @@ def derive(results: str = RESULTS) -> dict[str, Any]:
         source = f"bench/results/{stem}.json"
         base = payload.get("base_model", {})
         name = f"scale 2 {stem} (base in-domain {base.get(METRIC, NAN):.2f})"
-        found = payload.get("token_measures", base.get("token_measures"))
-        measures = _measures(found)
+        measures = _measures(payload.get("token_measures", base.get("token_measures")))
+        yield name, source, base, measures, payload["runs"], payload
+
+
+def derive(results: str = RESULTS) -> dict[str, Any]:
+    """The map from the result files under ``results`` (deterministic: no time stamps)."""
+    levels, skipped, scopes = [], [], []
+    for name, source, base, measures, runs, _ in level_sources(results):
         if measures is None:
             skipped.append({"name": name, "source": source, "reason": "no token_measures"})
             continue
-        levels.append(_level(name, source, measures, base, payload["runs"]))
-        scopes.append("real_model")
+        levels.append(_level(name, source, measures, base, runs))
+        scopes.append("continuum" if "continuum" in source else "real_model")
     interval = (
         "95% paired bootstrap over seeds and test items (bench/generalization/stats.py), "
         "where the runs carry per-item results"
