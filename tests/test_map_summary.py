@@ -60,6 +60,8 @@ def _results(tmp_path: Path) -> Path:
 
 def test_the_summary_sorts_levels_marks_verdicts_and_reads_forgetting(tmp_path: Path) -> None:
     text = _summary_module().summary(str(_results(tmp_path)))
+    glance = text.split("### At a glance")[1].split("###")[0]
+    assert "| scale 1 level 0: 0.600 (0.700) | 1e-4, 1e-4, - | 0.900 | **-0.500" in glance
     in_domain = text.split("### in-domain")[1].split("###")[0]
     rows = [line for line in in_domain.splitlines() if line.startswith("| scale")]
     assert [r.split(":")[0] for r in rows] == ["| scale 2 t", "| scale 1 level 0"]  # by base

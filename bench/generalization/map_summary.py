@@ -68,6 +68,45 @@ def _row_label(name: str, source: str, base: dict, measures: dict) -> str:
     return f"{label}: {base.get('in_domain', float('nan')):.3f} ({measures['p_target']:.3f})"
 
 
+GLANCE = {"otr_sampled": "pure OTR", "otr_mix0.3": "OTR + 0.3 CE"}  # what a user would set
+
+
+def short_lr(lr: float) -> str:
+    """3e-4 or 2.5e-4, not 0.0003 or 3e-04."""
+    mantissa, exponent = f"{lr:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
+def selected_lr(runs: list[dict], method: str) -> str:
+    lrs = sorted({r["lr"] for r in runs if r.get("setting") == "best_lr" and r["method"] == method})
+    return "/".join(short_lr(lr) for lr in lrs) or "-"
+
+
+def glance(rows: list[tuple]) -> list[str]:
+    """One table for the README: the two OTR settings a user would pick (pure OTR, what
+    ``otr: true`` trains, and the mix), in-domain and pooled retention, with the LRs."""
+    heads = [f"{name} {what}" for what in ("in-domain", "retention") for name in GLANCE.values()]
+    lines = [
+        "### At a glance: the two OTR settings a user would set",
+        "",
+        "| level: base in-domain (mean p(target)) | LR: SFT, pure OTR, OTR + 0.3 CE | SFT "
+        "in-domain | "
+        + " | ".join(heads[:2])
+        + " | SFT retention | "
+        + " | ".join(heads[2:])
+        + " |",
+        "|" + "---|" * 8,
+    ]
+    for _, label, runs, strata in rows:
+        lrs = ", ".join(selected_lr(runs, m) for m in ("sft", *GLANCE))
+        cells = [f"{sft_mean(runs, 'best_lr', 'in_domain')}"]
+        cells += [cell(runs, "best_lr", m, "in_domain", strata) for m in GLANCE]
+        cells += [f"{sft_mean(runs, 'best_lr', 'retention')}"]
+        cells += [cell(runs, "best_lr", m, "retention", strata) for m in GLANCE]
+        lines.append(f"| {label} | {lrs} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def levels_tables(results: str) -> list[str]:
     rows = []
     for name, source, base, measures, runs, payload in otr_map.level_sources(results):
@@ -78,7 +117,7 @@ def levels_tables(results: str) -> list[str]:
             (base.get("in_domain", 0.0), _row_label(name, source, base, measures), runs, strata)
         )
     rows.sort(key=lambda row: row[0])
-    out = []
+    out = glance(rows)
     for metric, title in METRICS.items():
         head = "| level: base in-domain (mean p(target)) | SFT | " + " | ".join(METHODS.values())
         lines = [f"### {title}", "", head + " |", "|" + "---|" * (2 + len(METHODS))]
