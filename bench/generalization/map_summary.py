@@ -61,11 +61,10 @@ def sft_mean(runs: list[dict], setting: str, metric: str) -> str:
     return f"{statistics.fmean(values):.3f}" if values else "-"
 
 
-def _row_label(name: str, source: str, base: dict, measures: dict) -> str:
-    where = os.path.splitext(os.path.basename(source))[0]
-    level = name.split(" (")[0].replace("scale 2 ", "").replace("real_model_", "")
-    label = level if where.startswith("continuum") else f"scale 2 {level}"
-    return f"{label}: {base.get('in_domain', float('nan')):.3f} ({measures['p_target']:.3f})"
+def _row_label(name: str, base: dict, measures: dict) -> str:
+    """``scale 1 level 2: 0.340 (0.927)`` or ``scale 2 add2d: ...`` from the map's name."""
+    level = name.split(" (")[0].replace("real_model_", "")
+    return f"{level}: {base.get('in_domain', float('nan')):.3f} ({measures['p_target']:.3f})"
 
 
 GLANCE = {"otr_sampled": "pure OTR", "otr_mix0.3": "OTR + 0.3 CE"}  # what a user would set
@@ -109,13 +108,11 @@ def glance(rows: list[tuple]) -> list[str]:
 
 def levels_tables(results: str) -> list[str]:
     rows = []
-    for name, source, base, measures, runs, payload in otr_map.level_sources(results):
+    for name, _, base, measures, runs, payload in otr_map.level_sources(results):
         if measures is None:
             continue  # not on the map: no token measures (otr_map.json lists it as skipped)
         strata = payload.get("retention_item_families")
-        rows.append(
-            (base.get("in_domain", 0.0), _row_label(name, source, base, measures), runs, strata)
-        )
+        rows.append((base.get("in_domain", 0.0), _row_label(name, base, measures), runs, strata))
     rows.sort(key=lambda row: row[0])
     out = glance(rows)
     for metric, title in METRICS.items():
