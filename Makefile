@@ -88,11 +88,13 @@ test-fast: setup
 	$(PY) -m pytest -q -ra -m "not integration"
 
 # The Axolotl-facing tests again, against Axolotl 0.21.0 in a second venv.
+# tests/test_user_install.py: the README's "Use it in your own Axolotl" (a wheel and a git
+# URL installed into that venv, `axolotl train` from outside this tree).
 AX021_TESTS := tests/test_config.py tests/test_axolotl_train.py tests/test_axolotl_compat.py \
-	tests/test_example_configs.py
+	tests/test_example_configs.py tests/test_user_install.py
 test-ax021:
 	bash .ci/setup-axolotl-0.21.sh .venv-ax021 $(QUIET_PIP)
-	.venv-ax021/bin/python -m pytest -q -ra $(AX021_TESTS)
+	OTR_USER_INSTALL_TEST=1 .venv-ax021/bin/python -m pytest -q -ra $(AX021_TESTS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -182,3 +182,53 @@ def read_map(
     scope = otr_map.get("scope")
     tail = f"map: {scope}; source: {source}" if scope else f"source: {source}"
     return f"{you}: {place}; {says} ({tail})"
+
+
+# The two settings a user would choose between, by their config spelling, and where the
+# evidence behind each verdict is written up.
+LINE_METHODS = {"otr_sampled": "pure OTR", "otr_mix0.3": "otr_sft_mix 0.3"}
+LINE_VERDICTS = {
+    "helped": "helped",
+    "worse": "worse than SFT",
+    "no difference": "no gain over SFT",
+    "not tested": "not measured",
+}
+READ_MORE = "see README 'When does OTR help?'"
+MAX_LINE = 200
+FAR = 0.1  # a nearest level further than this in p(target) is named with its distance
+
+
+def nearest_level(p_target: float, argmax_share: float, levels: list[dict[str, Any]]) -> dict:
+    """The level nearest by p_target; the argmax share breaks a tie."""
+    return min(
+        levels,
+        key=lambda lv: (abs(lv["p_target"] - p_target), abs(lv["argmax_share"] - argmax_share)),
+    )
+
+
+def map_line(p_target: float, argmax_share: float, otr_map: dict[str, Any]) -> str:
+    """The one line (at most ``MAX_LINE`` characters) the trainer prints at the first
+    step: the nearest measured level and its verdict for pure OTR and for
+    ``otr_sft_mix: 0.3``. ``read_map`` gives the full reasoning (the debug log)."""
+    if not (isinstance(p_target, int | float) and math.isfinite(p_target)):
+        return "OTR map: no target token in the first optimizer step; nothing to place"
+    share = argmax_share if isinstance(argmax_share, int | float) else float("nan")
+    you = f"OTR map: your p(target) {_p(p_target)}, argmax {_share(share)}"
+    levels = _levels(otr_map)
+    if not levels:
+        return f"{you}; the map has no measured level yet"
+    level = nearest_level(p_target, share, levels)
+    if p_target < levels[0]["p_target"]:
+        where = "below the map; nearest level"
+    elif p_target > levels[-1]["p_target"]:
+        where = "above the map; nearest level"
+    else:
+        where = "nearest level"
+    verdicts = ", ".join(
+        f"{label} {LINE_VERDICTS[verdict(level['differences'].get(method, {}))]}"
+        for method, label in LINE_METHODS.items()
+    )
+    gap = abs(level["p_target"] - p_target)
+    away = f" ({gap:.2f} away)" if gap > FAR else ""
+    line = f"{you}; {where} p {_p(level['p_target'])}{away}: {verdicts} ({READ_MORE})"
+    return line if len(line) <= MAX_LINE else line[: MAX_LINE - 1] + "…"

@@ -255,14 +255,17 @@ class OTRTrainerMixin:
             return {}
         if self.is_world_process_zero():
             try:
-                line = map_reading.read_map(
-                    means["p_target"], means["argmax_share"], map_reading.load_map(),
+                otr_map = map_reading.load_map()
+                line = map_reading.map_line(means["p_target"], means["argmax_share"], otr_map)
+                reasoning = map_reading.read_map(
+                    means["p_target"], means["argmax_share"], otr_map,
                     tokens=int(means["tokens"]),
                 )  # fmt: skip
             except (OSError, ValueError) as err:
                 LOG.warning("OTR map: not read (%s)", err)
             else:
                 LOG.info(line)
+                LOG.debug(reasoning)
         return {key: round(means[name], 6) for name, key in FIRST_WINDOW_KEYS.items()}
 
     def evaluation_loop(

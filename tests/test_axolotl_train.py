@@ -41,7 +41,7 @@ def test_otr_lora_run_trains_logs_metrics_and_saves_the_adapter(tiny_config, tmp
     first_window = ("otr/first_window_p_target", "otr/first_window_argmax_share")
     assert all(0 <= steps[0][key] <= 1 for key in first_window), steps[0]
     assert not any(key in log for log in steps[1:] for key in first_window)
-    assert output.count("OTR map: your base model gives the targets mean p") == 1, output[-3000:]
+    assert output.count("OTR map: your p(target) ") == 1, output[-3000:]
     out = tmp_path / "out"
     assert (out / "adapter_model.safetensors").stat().st_size > 0
     assert (out / "adapter_config.json").exists()

@@ -99,9 +99,10 @@ def test_the_map_line_is_printed_once_and_places_the_run(tiny_dir, tmp_path, cap
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("OTR map:")]
     assert len(lines) == 1, lines
     p = next(log for log in logs.logs if "loss" in log)[P_KEY]
-    assert f"mean p {p:.2f}" in lines[0]
-    assert "below the lowest measured level L (p 0.90" in lines[0]
-    assert "SFT was better there" in lines[0]
+    assert f"your p(target) {p:.2f}" in lines[0]
+    assert "below the map; nearest level p 0.90" in lines[0]
+    assert "pure OTR worse than SFT, otr_sft_mix 0.3 not measured" in lines[0]
+    assert len(lines[0]) <= 200
 
 
 def test_a_run_that_never_logs_a_loss_reads_the_window_at_its_end(tiny_dir, tmp_path, caplog):

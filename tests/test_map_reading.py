@@ -266,3 +266,44 @@ def test_the_generators_check_mode_tells_stale_from_fresh(tmp_path, capsys):
     assert generator.main(["--results", str(results), "--check"]) == 1
     assert "differs from what" in capsys.readouterr().out
     assert not (results / "otr_map.json").exists()  # --check writes nothing
+
+
+# ---- the one line printed at the first step -------------------------------------------
+def test_the_line_on_the_demos_figures_names_the_nearest_level_and_both_verdicts():
+    """The demo's first step measured p(target) 0.73, argmax 80% (issue 27)."""
+    line = map_reading.map_line(0.73, 0.80, load_map())
+    assert len(line) <= map_reading.MAX_LINE
+    assert line.startswith("OTR map: your p(target) 0.73, argmax 80%; nearest level p 0.74:")
+    assert "pure OTR no gain over SFT" in line and "otr_sft_mix 0.3 no gain over SFT" in line
+    assert "When does OTR help?" in line
+
+
+@pytest.mark.parametrize(
+    ("p", "share", "where", "level_p", "pure", "mix"),
+    [
+        (0.0, 0.0, "below the map; nearest level p 0.30 (0.30 away)", 0.30, "worse", "worse"),
+        (0.30, 0.40, "; nearest level p 0.30:", 0.30, "worse", "worse"),
+        (0.58, 0.70, "; nearest level p 0.60:", 0.60, "no gain", "no gain"),
+        (0.76, 0.99, "; nearest level p 0.90 (0.14 away)", 0.90, "helped", "no gain"),
+        (1.0, 1.0, "above the map; nearest level p 0.90:", 0.90, "helped", "no gain"),
+    ],
+)
+def test_the_line_at_and_beyond_both_ends(synthetic_map, p, share, where, level_p, pure, mix):
+    line = map_reading.map_line(p, share, synthetic_map)
+    assert len(line) <= map_reading.MAX_LINE, line
+    assert where in line, line
+    assert f"pure OTR {pure}" in line and f"otr_sft_mix 0.3 {mix}" in line, line
+
+
+def test_the_line_breaks_a_tie_in_p_by_the_argmax_share(synthetic_map):
+    twin = copy.deepcopy(synthetic_map)
+    twin["levels"].append({**twin["levels"][1], "name": "strong twin", "argmax_share": 0.5})
+    twin["levels"][-1]["differences"] = {"otr_sampled": _diff(-0.1, -0.2, -0.05)}
+    assert "pure OTR helped" in map_reading.map_line(0.90, 0.94, twin)
+    assert "pure OTR worse than SFT" in map_reading.map_line(0.90, 0.52, twin)
+
+
+def test_the_line_without_a_measure_or_a_level():
+    assert "nothing to place" in map_reading.map_line(float("nan"), 0.5, load_map())
+    empty = {"methods": METHODS, "levels": []}
+    assert "no measured level" in map_reading.map_line(0.5, 0.5, empty)

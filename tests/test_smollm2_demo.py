@@ -273,6 +273,8 @@ def test_the_demo_pipeline_at_a_reduced_size(tmp_path):
     assert result["objective"] == "otr" and result["fingerprint"] == base["fingerprint"]
     assert [result["after"][k]["n"] for k in ("in_domain", "ood")] == [12, 6]
     assert result["after"]["retention"]["n"] == len(kept)
+    assert result["gain_points"] == demo.gain_points(base, result["after"])  # CI reads it
+    assert "held-out gain over the base model: in-domain" in output
     for scores in (*result["after"].values(), base["in_domain"], base["ood"]):
         low, high = scores["ci95"]
         assert low <= scores["accuracy"] <= high and scores["hits"] == sum(scores["right"])
@@ -305,3 +307,20 @@ def test_the_readme_quick_start_shows_the_demo_config_as_it_is():
             assert dataset.items() <= cfg["datasets"][0].items()
         else:
             assert cfg[key] == value, key
+
+
+def test_ci_reads_the_demos_own_gain_and_fails_below_the_floor(tmp_path):
+    base = {"in_domain": {"hits": 70, "n": 200, "accuracy": 0.35, "ci95": [0.29, 0.42]},
+            "ood": {"hits": 6, "n": 60, "accuracy": 0.1, "ci95": [0.05, 0.2]}}  # fmt: skip
+    after = {"in_domain": {"accuracy": 0.72}, "ood": {"accuracy": 0.1}}
+    assert demo.gain_points(base, after) == {"in_domain": 37.0, "ood": 0.0}
+    check = [sys.executable, str(REPO / ".ci" / "check_demo.py")]
+    results = tmp_path / "demo_results.json"
+    for gain, code in ((37.0, 0), (14.9, 1)):
+        results.write_text(
+            json.dumps({"base": base, "after": after, "gain_points": {"in_domain": gain}})
+        )
+        proc = subprocess.run([*check, str(results), "15"], capture_output=True, text=True)
+        assert proc.returncode == code, proc.stdout + proc.stderr
+    missing = subprocess.run([*check, str(tmp_path / "none.json"), "15"], capture_output=True)
+    assert missing.returncode == 1

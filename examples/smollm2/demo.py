@@ -172,7 +172,10 @@ def axolotl_train(config: Path, log_path: Path, threads: int) -> None:
     if axolotl is None:
         raise SetupError("the axolotl command is not installed; run: make setup")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": str(threads)}
+    # Axolotl re-launches itself through `accelerate`, found on PATH: put this venv's
+    # bin first, so the demo also runs with the venv not activated.
+    path = os.pathsep.join([str(Path(axolotl).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": str(threads), "PATH": path}
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
             [axolotl, "train", str(config)],
@@ -208,6 +211,19 @@ def table(results: dict[str, dict], base: dict) -> str:
         row = f"{ROW_NAMES[name] + f' ({n})':<18}{before:<24}"
         lines.append(row + "".join(f"{cell(r['after'][name]):<24}" for r in results.values()))
     return "\n".join(lines)
+
+
+def _headline(result: dict) -> dict:
+    """A score without its replies: hits, n, accuracy and interval."""
+    return {key: result[key] for key in ("hits", "n", "accuracy", "ci95")}
+
+
+def gain_points(base: dict, after: dict) -> dict[str, float]:
+    """Held-out accuracy after minus before, in points (what CI's demo check reads)."""
+    return {
+        name: round(100 * (after[name]["accuracy"] - base[name]["accuracy"]), 1)
+        for name in ("in_domain", "ood")
+    }
 
 
 def other_results(path: Path, fingerprint_key: str) -> dict | None:
@@ -303,6 +319,9 @@ def run(args: argparse.Namespace) -> int:
         "config": str(config),
         "fingerprint": base["fingerprint"],
         "train_seconds": round(train_s, 1),
+        "demo_seconds": round(time.perf_counter() - start, 1),
+        "base": {name: _headline(base[name]) for name in ("in_domain", "ood")},
+        "gain_points": gain_points(base, after),
         "after": after,
     }
     (output_dir / "demo_results.json").write_text(json.dumps(result, indent=1))
@@ -316,6 +335,11 @@ def run(args: argparse.Namespace) -> int:
     print(table(results, base))
     if "sft" not in results:
         print("SFT column: run `make demo-sft` (the same config with otr: false)")
+    gains = result["gain_points"]
+    print(
+        f"held-out gain over the base model: in-domain {gains['in_domain']:+.1f} points, "
+        f"OOD {gains['ood']:+.1f} points"
+    )
     print(f"metrics plot: {png.resolve()}")
     print(f"adapter: {output_dir.resolve()}  ({train_s:.0f} s of axolotl train)")
     log("done")

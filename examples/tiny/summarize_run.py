@@ -34,8 +34,16 @@ def _is_number(value: object) -> bool:
     return True
 
 
-def _mean(logs: list[dict[str, float]]) -> dict[str, float]:
-    return {key: sum(log[key] for log in logs) / len(logs) for key in logs[0]}
+def _mean(logs: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, float]:
+    """The mean of each key over the logs that carry it (NaN where none does).
+
+    Logs differ in their keys: the first training log alone carries the first-window
+    measures (``otr/first_window_*``), so no log's keys stand for the others'."""
+    means = {}
+    for key in keys:
+        values = [log[key] for log in logs if key in log]
+        means[key] = sum(values) / len(values) if values else float("nan")
+    return means
 
 
 def summarize(logs: list[dict[str, float]], edge: int = 3) -> str:
@@ -48,11 +56,11 @@ def summarize(logs: list[dict[str, float]], edge: int = 3) -> str:
         number = steps.index(log) + 1
         values = "  ".join(f"{log.get(c, float('nan')):>13.5g}" for c in COLUMNS)
         lines.append(f"{number:>4}  {values}")
-    if "otr/ce" in steps[0]:
+    if any("otr/ce" in log for log in steps):
         # Single steps are noisy (few target tokens each): compare the first and last
         # tenth of the run (at least one step each).
         span = max(1, len(steps) // 10)
-        first, last = _mean(steps[:span]), _mean(steps[-span:])
+        first, last = _mean(steps[:span], COLUMNS), _mean(steps[-span:], COLUMNS)
         lines.append(
             f"mean of the first vs last {span} step(s): "
             f"cross-entropy on the targets {first['otr/ce']:.4f} -> {last['otr/ce']:.4f}, "
