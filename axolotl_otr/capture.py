@@ -9,12 +9,18 @@ keeps a reference to that one tensor, in the dtype the model computed it in, and
 removed when the call ends. Hooks sit on the module object, so they fire the same inside
 PEFT wrappers, DDP and gradient checkpointing (which recomputes the decoder layers, not
 the decoder's output).
+
+The hook also records whether the forward ran under autocast, and in which dtype:
+accelerate's mixed precision wraps ``model.forward`` only, and the Trainer calls the loss
+after it returns, so without this an fp32 lm_head (a full fine-tune without Axolotl's
+casts) would have its chunk GEMMs run in fp32 where the model's own lm_head ran in
+bf16/fp16 (``FinalHidden.autocast`` replays it around the loss).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -37,12 +43,24 @@ class FinalHidden:
         self._value: torch.Tensor | None = None
         self._calls = 0
         self._taken = False
+        self._autocast: tuple[str, torch.dtype] | None = None  # (device type, dtype)
 
     def record(self, _module: nn.Module, _args, output) -> None:
         """The forward hook: keep the output's last hidden state."""
         self._calls += 1
         hidden = getattr(output, "last_hidden_state", None)
         self._value = hidden if hidden is not None else output[0]
+        kind = self._value.device.type
+        on = torch.is_autocast_enabled(kind)
+        self._autocast = (kind, torch.get_autocast_dtype(kind)) if on else None
+
+    def autocast(self) -> AbstractContextManager:
+        """The autocast the recorded forward ran under (a no-op context if none), so the
+        loss's GEMMs run in the dtype the model's own lm_head would have used."""
+        if self._autocast is None:
+            return nullcontext()
+        kind, dtype = self._autocast
+        return torch.autocast(kind, dtype=dtype)
 
     def take(self) -> torch.Tensor:
         """The captured tensor (once: the reference is dropped so it can be freed)."""

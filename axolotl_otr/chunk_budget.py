@@ -27,10 +27,12 @@ MIB = 1 << 20
 # cross-entropy). 192 MiB keeps one fp32 [n, V] buffer at about the 64 MiB measured best
 # for the three such buffers the default objective holds.
 CPU_CHUNK_BYTES = 192 * MIB
-# GPU: the bytes of one chunk's fp32 logits under Liger-Kernel's rule (``ceil(V / H)``
-# chunks of ``next_power_of_2(ceil(positions / ceil(V / H)))`` rows, a chunk's logits about
-# the size of the hidden states), at least this floor so a small hidden size does not cut
-# the loss into thousands of one-row chunks (each chunk launches ~30 kernels).
+# GPU, hidden-state path: at least the rows of Liger-Kernel's fused linear cross-entropy
+# for the same shape (``liger_rows``), and at least the rows whose buffers fill this floor,
+# so a small hidden size does not cut the loss into thousands of small chunks. Every chunk
+# reads the whole lm_head twice (logits and hidden-state gradient) and launches ~30
+# kernels, so fewer, larger chunks are what a GPU wants; the memory bound this gives is
+# stated in ``gpu_chunk_bound`` and docs/performance.md.
 GPU_MIN_CHUNK_BYTES = 32 * MIB
 # Logits path on a GPU (no hidden size): the budget of ceil(positions / 16) rows.
 GPU_LOGITS_CHUNKS = 16
@@ -113,22 +115,66 @@ def call_buffers(
     return out
 
 
+def liger_rows(vocab_size: int, hidden_size: int, positions: int) -> int:
+    """Rows per chunk under Liger-Kernel's fused linear cross-entropy rule (its default
+    memory constant 1): the positions are cut into ``ceil(V / H)`` parts, so that one
+    chunk's logits are about as large as the hidden states, and a part is rounded up to
+    a power of two, but never past the positions themselves."""
+    positions = max(positions, 1)
+    parts = math.ceil(vocab_size / max(hidden_size, 1))
+    rows = 1 << (math.ceil(positions / parts) - 1).bit_length()  # next power of two
+    return min(rows, positions)
+
+
 def default_budget(
     device: torch.device | str, vocab_size: int, positions: int, hidden_size: int | None
 ) -> int:
-    """Bytes one chunk's buffers may hold: ``CPU_CHUNK_BYTES`` on CPU; on a GPU the fp32
-    logits of a Liger-Kernel chunk, at least ``GPU_MIN_CHUNK_BYTES``."""
+    """Bytes one chunk's buffers may hold where a byte budget sizes the chunk:
+    ``CPU_CHUNK_BYTES`` on CPU; on a GPU ``GPU_MIN_CHUNK_BYTES``, or on the logits path
+    the fp32 logits of ``ceil(positions / 16)`` rows where that is more. (On a GPU's
+    hidden-state path ``default_rows`` takes Liger's rows where they are more.)"""
     if torch.device(device).type == "cpu":
         return CPU_CHUNK_BYTES
     if hidden_size:
-        chunks = math.ceil(vocab_size / hidden_size)
-        liger_rows = 1 << (math.ceil(max(positions, 1) / chunks) - 1).bit_length()
-    else:
-        liger_rows = math.ceil(max(positions, 1) / GPU_LOGITS_CHUNKS)
-    return max(GPU_MIN_CHUNK_BYTES, 4 * vocab_size * liger_rows)
+        return GPU_MIN_CHUNK_BYTES
+    rows = math.ceil(max(positions, 1) / GPU_LOGITS_CHUNKS)
+    return max(GPU_MIN_CHUNK_BYTES, 4 * vocab_size * rows)
 
 
 def chunk_rows(budget: int, buffers: list[Buffer]) -> int:
     """Rows whose per-row buffers fit ``budget`` (at least one)."""
     per_row = sum(b.bytes for b in buffers)
     return max(1, budget // per_row)
+
+
+def default_rows(
+    device: torch.device | str,
+    vocab_size: int,
+    positions: int,
+    hidden_size: int | None,
+    buffers: list[Buffer],
+) -> int:
+    """Rows per chunk: the rows whose ``buffers`` fit ``default_budget``; on a GPU's
+    hidden-state path never fewer than Liger-Kernel's rows for the same shape
+    (``liger_rows``), whose chunk then holds at most ``gpu_chunk_bound`` bytes."""
+    rows = chunk_rows(default_budget(device, vocab_size, positions, hidden_size), buffers)
+    if torch.device(device).type != "cpu" and hidden_size:
+        rows = max(rows, liger_rows(vocab_size, hidden_size, positions))
+    return rows
+
+
+def gpu_chunk_bound(
+    vocab_size: int, hidden_size: int, positions: int, buffers: list[Buffer]
+) -> int:
+    """The most bytes one GPU chunk's buffers hold on the hidden-state path: Liger's rows
+    times every buffer of a row, or ``GPU_MIN_CHUNK_BYTES``, whichever is larger.
+
+    Liger's rows keep a chunk's logits within about twice the hidden states' elements
+    (``rows * V < 2 * positions * H + 2 * V``, the factor 2 from the power of two), so
+    this bound is about ``2 * positions * H * (row bytes / V)``: with bf16 GEMMs and the
+    default objective (about 10 bytes per vocabulary entry and row) about ten times the
+    bf16 hidden states, where Liger's own bf16 logits chunk is at most about twice.
+    """
+    per_row = sum(b.bytes for b in buffers)
+    rows = liger_rows(vocab_size, hidden_size, positions)
+    return max(GPU_MIN_CHUNK_BYTES, rows * per_row)

@@ -21,20 +21,18 @@ per loss there).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
 
 from .chunk_budget import (
     CPU_CHUNK_BYTES,
-    WEIGHT_GRAD_BLOCKS,
-    chunk_rows,
-    default_budget,
+    default_rows,
     row_buffers,
 )
 from .chunk_math import STAT_NAMES, Workspace, nonfinite_error, weighted_nll_chunk
 from .objective import Objective
+from .weight_grad import WeightGradAccumulator
 
 # The CPU budget of one chunk's buffers (all of them, see ``chunk_budget``).
 CHUNK_BYTES = CPU_CHUNK_BYTES
@@ -51,10 +49,12 @@ def default_chunk_size(
 ) -> int:
     """Positions per chunk when ``otr_chunk_size`` is not set: as many as fit the
     device's byte budget (``chunk_budget.default_budget``) with every buffer a chunk of
-    this objective and compute dtype holds counted (``chunk_budget.row_buffers``)."""
-    budget = default_budget(device, vocab_size, rows, hidden_size)
+    this objective and compute dtype holds counted (``chunk_budget.row_buffers``); off
+    the CPU, on the hidden-state path, never fewer than Liger-Kernel's rows for the same
+    shape (``chunk_budget.default_rows``). ``device`` is only read for its type, so a
+    CPU test can ask what a CUDA run would use."""
     buffers = row_buffers(vocab_size, objective or Objective(), compute_dtype, hidden_size, device)
-    return chunk_rows(budget, buffers)
+    return default_rows(device, vocab_size, rows, hidden_size, buffers)
 
 
 def compute_dtype_of(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -171,30 +171,6 @@ def _range_reference(scale: torch.Tensor, low_range: bool) -> torch.Tensor | Non
     return scale.amax()
 
 
-def _narrow_in_place(acc: torch.Tensor, dtype: torch.dtype, factor: torch.Tensor) -> torch.Tensor:
-    """``(acc * factor).to(dtype)`` written into ``acc``'s own storage (``acc``: contiguous
-    fp32, destroyed): a 16-bit weight gradient without a second [V, D] tensor.
-
-    Element i moves from byte 4i to byte 2i. Converting the elements in blocks [a, 2a)
-    (after element 0) never overwrites one not read yet, and no block overlaps its
-    source, so each is one ``copy_`` (a dtype-converting copy allocates nothing; a
-    ``mul`` with a 16-bit ``out`` makes an fp32 temporary on CPU). About log2(numel)
-    launches. The result keeps the accumulator's storage alive (twice its own bytes) as
-    long as it lives, e.g. as the parameter's ``.grad`` until ``zero_grad``.
-    """
-    flat = acc.view(-1).mul_(factor)
-    count = flat.numel()
-    out = flat.view(dtype)[:count]
-    if count:
-        out[:1].copy_(flat[:1].clone())  # element 0's source and destination overlap
-    start = 1
-    while start < count:
-        stop = min(2 * start, count)
-        out[start:stop].copy_(flat[start:stop])
-        start = stop
-    return out.view(acc.shape)
-
-
 def _empty_result(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return (
         torch.zeros((), dtype=torch.float32, device=device),
@@ -267,10 +243,11 @@ class FusedLinearLoss(torch.autograd.Function):
 
     The GEMMs run in ``compute_dtype_of(hidden, weight)``. The lm_head weight and bias
     gradients are accumulated in fp32 over the chunks (under bf16 a bf16 accumulator
-    would round away the small contributions of later chunks): a 16-bit weight's chunk
-    products are formed in ``WEIGHT_GRAD_BLOCKS`` row blocks and added to the fp32
-    accumulator, which backward converts to the weight's dtype in its own storage, so a
-    trainable 16-bit lm_head costs one fp32 accumulator (two copies of itself) and no more.
+    would round away the small contributions of later chunks), the weight's in one
+    16-bit-in, fp32-out GEMM per chunk where the device has it (``weight_grad``), and
+    backward converts it to the weight's dtype in the accumulator's own memory into a
+    tensor that owns exactly its bytes: a trainable 16-bit lm_head costs one fp32
+    accumulator (two copies of itself) during the call and its own size after it.
 
     ``lora_a`` [r, D] and ``lora_b`` [V, r] (the LoRA scaling folded in) add a low-rank
     term, ``z = h W.T + (h A.T) B.T``: the adapter's gradients come from [n, r]
@@ -292,8 +269,10 @@ class FusedLinearLoss(torch.autograd.Function):
         vocab, width = weight.shape
         compute_dtype = compute_dtype_of(hidden, weight)
         if chunk_size is None:
+            # Every position given, scored or not, as Liger-Kernel counts them (on CPU
+            # only the byte budget matters)
             chunk_size = default_chunk_size(
-                vocab, rows.shape[0], device, width,
+                vocab, hidden.shape[0], device, width,
                 objective=objective, compute_dtype=compute_dtype,
             )  # fmt: skip
         fp32 = compute_dtype == torch.float32
@@ -301,7 +280,6 @@ class FusedLinearLoss(torch.autograd.Function):
         reference = _range_reference(scale, need_grad and low_range)
         if reference is not None:
             scale = scale / reference
-        block_rows = math.ceil(vocab / WEIGHT_GRAD_BLOCKS)
         with torch.autocast(device.type, enabled=False):
             w = weight.to(compute_dtype)
             b = bias.to(compute_dtype) if bias is not None else None
@@ -311,10 +289,14 @@ class FusedLinearLoss(torch.autograd.Function):
             grad_la = torch.zeros(la.shape, dtype=torch.float32, device=device) if need_la else None
             grad_lb = torch.zeros(lb.shape, dtype=torch.float32, device=device) if need_lb else None
             grad_h = _gradient_buffer(hidden, rows, sync_free) if need_h else None
-            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=device) if need_w else None
             grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
             loss, stats, finite = _empty_result(device)
             workspace = Workspace()
+            grad_w = None
+            if need_w:
+                grad_w = WeightGradAccumulator(
+                    vocab, width, device, compute_dtype, weight.dtype, workspace
+                )
             for part, block in _chunks(rows, chunk_size, sync_free):
                 if block is not None:
                     h = hidden[block].to(compute_dtype)
@@ -356,25 +338,18 @@ class FusedLinearLoss(torch.autograd.Function):
                 if need_lb:
                     grad_lb += g.t() @ u
                 if need_w:
-                    if fp32:
-                        grad_w.addmm_(g.t(), h)
-                    else:
-                        # The chunk's product in the compute dtype (fp32 inside the GEMM),
-                        # one row block at a time, summed over chunks in fp32.
-                        for start in range(0, vocab, block_rows):
-                            stop = min(start + block_rows, vocab)
-                            part_w = workspace.take_shape(
-                                "grad_w", stop - start, width, device, compute_dtype
-                            )
-                            torch.mm(g[:, start:stop].t(), h, out=part_w)
-                            grad_w[start:stop].add_(part_w)
+                    grad_w.add(g, h)
                 if need_b:
                     grad_b += res.grad.sum(0)
             if sync_free:
                 _check_finite(finite)
         if reference is not None:
             loss = loss * reference
-        narrow = need_w and weight.dtype != torch.float32
+        narrow = need_w and grad_w.narrow
+        # A 16-bit weight's accumulator stays on ctx (backward converts it in its own
+        # memory and lets go of it); an fp32 one is saved as it is.
+        ctx.weight_grad = grad_w if narrow else None
+        grad_w = grad_w.fp32() if need_w and not narrow else None
         ctx.save_for_backward(grad_h, grad_w, grad_b, grad_la, grad_lb)
         ctx.lora_dtypes = (lora_a.dtype, lora_b.dtype) if low_rank else None
         ctx.scaler = _Scaler(sync_free, in_place=narrow)
@@ -390,11 +365,11 @@ class FusedLinearLoss(torch.autograd.Function):
         grad_h, grad_w, grad_b, grad_la, grad_lb = ctx.saved_tensors
         factor = _factor(grad_loss, ctx.reference)
         grad_h = ctx.scaler(grad_h, factor)
-        if grad_w is not None:
-            if ctx.weight_dtype == torch.float32:
-                grad_w = ctx.scaler(grad_w, factor)
-            else:
-                grad_w = _narrow_in_place(grad_w, ctx.weight_dtype, factor)
+        if ctx.weight_grad is not None:
+            grad_w = ctx.weight_grad.narrowed(factor)
+            ctx.weight_grad = None
+        elif grad_w is not None:
+            grad_w = ctx.scaler(grad_w, factor)
         if grad_b is not None:
             grad_b = ctx.scaler(grad_b, factor).to(ctx.bias_dtype)
         if grad_la is not None:

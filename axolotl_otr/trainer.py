@@ -170,10 +170,14 @@ class OTRTrainerMixin:
         generator = self.otr_sampler.generator(
             activations.device, call.phase, self.state.global_step
         )
-        loss, stats = weighted_loss(
-            activations, labels, settings, lm_head=lm_head, num_items_in_batch=units,
-            position_ids=call.position_ids, generator=generator,
-        )  # fmt: skip
+        # The chunk GEMMs in the autocast dtype the forward ran under (accelerate's mixed
+        # precision covers model.forward, not this loss; sums stay fp32): capture.py
+        amp = call.hidden.autocast() if call.hidden is not None else nullcontext()
+        with amp:
+            loss, stats = weighted_loss(
+                activations, labels, settings, lm_head=lm_head, num_items_in_batch=units,
+                position_ids=call.position_ids, generator=generator,
+            )  # fmt: skip
         steps = self._otr_accumulation_steps() if training else 1
         scale = self._otr_world_scale(num_items_in_batch)
         if units is None:
