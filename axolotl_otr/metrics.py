@@ -55,6 +55,10 @@ class StatsAccumulator:
         current = self._sums.get(phase)
         self._sums[phase] = stats.clone() if current is None else current + stats
 
+    def discard(self, phase: str) -> None:
+        """Forget ``phase``'s sums (local only: no collective)."""
+        self._sums.pop(phase, None)
+
     def pop_means(
         self, phase: str, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     ) -> dict[str, float]:

@@ -12,12 +12,16 @@ final hidden state through a forward hook that lives for one ``compute_loss`` ca
 (``capture.py``). Nothing private is touched and no method of an object is replaced.
 
 Collectives: the OTR metrics are summed over processes only where every process is,
-at a training log (every process logs it) and at the end of ``evaluation_loop``; never
-in a log call that one process makes alone (Axolotl's bench evaluation logs
-``eval_bench_*`` keys on rank 0 only). The first optimizer step's statistics (the base
-model on the fine-tuning data) are kept apart and summed once, at the first training log
-(or the end-of-training log), where every process is too; only the main process prints
-the line that places them on the measured map (``map_reading.py``).
+at the Trainer's own training log (made by every process while ``control.should_log``)
+and at the end of ``evaluation_loop``; never in a log call that one process makes alone
+(Axolotl's bench evaluation logs ``eval_bench_*`` keys on rank 0 only). Outside an
+evaluation loop, ``prediction_step`` counts the batch's tokens on this process only
+(Axolotl's prediction table calls it on rank 0 alone), and its statistics stay out of
+the ``eval_otr/*`` sums, which only the loop's own batches make (``docs/multi-gpu.md``).
+The first optimizer step's statistics (the base model on the fine-tuning data) are kept
+apart and summed once, at the first training log (or the end-of-training log), where
+every process is too; only the main process prints the line that places them on the
+measured map (``map_reading.py``).
 
 - Axolotl: the plugin returns ``with_otr(AxolotlTrainer)`` from ``get_trainer_cls`` and
   attaches the settings in ``post_trainer_create``.
@@ -29,7 +33,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +68,7 @@ class OTRTrainerMixin:
 
     otr_settings: OTRSettings | None = None
     _otr_loss_only = False  # inside an evaluation loop that keeps no logits
+    _otr_in_eval_loop = False  # inside evaluation_loop, which every process runs
 
     def attach_otr(self, settings: OTRSettings) -> OTRTrainerMixin:
         """Turn OTR on with ``settings`` (a second call with the same settings is a no-op)."""
@@ -192,7 +198,10 @@ class OTRTrainerMixin:
             # DataParallel gathers one aux_loss per replica: the model's loss is their mean.
             aux = aux.to(loss.device).mean()
             loss = loss + aux / (steps * scale)
-        self.otr_metrics.add(call.phase, stats)
+        if training or self._otr_in_eval_loop:
+            # An eval-mode call outside the loop (a callback's prediction_step) is not
+            # part of any evaluation: its batch stays out of the next eval_otr/*.
+            self.otr_metrics.add(call.phase, stats)
         if training and self.state.global_step == 0 and not self._otr_first_window_read:
             # Before the first update: the base model's measures on the fine-tuning data.
             self.otr_metrics.add(FIRST_WINDOW, stats)
@@ -233,18 +242,37 @@ class OTRTrainerMixin:
             self._otr_window_sequences = count
         return batch_samples, num_items
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The Trainer's step; outside ``evaluation_loop`` without a collective.
+
+        With a ``compute_loss_func`` the Trainer counts the batch's target tokens over
+        all processes (a gather) before the loss. Inside ``evaluation_loop`` every process
+        is there and the count is right. Outside it the caller may be one process alone
+        (Axolotl's ``LogPredictionCallback`` on rank 0), where the gather would wait for
+        ever: count on this process only, the loss is then this batch's own mean.
+        """
+        if self.otr_settings is None or self._otr_in_eval_loop or self.args.world_size <= 1:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        with _local_token_counts(self.args):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
     # ---- logging ------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args, **kwargs):
         """Add the OTR training metrics of the steps since the last log, then log as usual.
 
-        Only a training log (``loss``, logged by every process) reduces over processes;
-        evaluation metrics are added in ``evaluation_loop``, which every process runs.
+        Only the Trainer's training log reduces over processes: it logs ``loss`` on every
+        process while ``control.should_log`` (reset by the callbacks' ``on_log`` right
+        after), and ``train_loss`` at the end of ``train()``. A log one process makes
+        alone (a callback's, even with a ``loss`` key) enters no collective; the sums
+        wait for the next training log. Evaluation metrics are added in
+        ``evaluation_loop``, which every process runs.
         """
-        if self.otr_settings is not None and "loss" in logs:
+        training_log = "loss" in logs and self.control.should_log
+        if self.otr_settings is not None and training_log:
             logs.update(self.otr_metrics.pop_metrics("train", "", self._otr_reduce))
         # The run's first training log, or its end-of-training log if it never logged
         # a loss: both are made by every process.
-        first = "loss" in logs or "train_loss" in logs
+        first = training_log or "train_loss" in logs
         if self.otr_settings is not None and first and not self._otr_first_window_read:
             logs.update(self._otr_read_first_window())
         return super().log(logs, *args, **kwargs)
@@ -283,6 +311,10 @@ class OTRTrainerMixin:
         """The Trainer's loop, then the OTR metrics of its batches, summed over processes."""
         loss_only = prediction_loss_only
         self._otr_loss_only = self.args.prediction_loss_only if loss_only is None else loss_only
+        self._otr_in_eval_loop = True
+        if self.otr_settings is not None:
+            # Only this loop's batches: nothing left by a loop that raised.
+            self.otr_metrics.discard("eval")
         try:
             output = super().evaluation_loop(
                 dataloader, description, prediction_loss_only=prediction_loss_only,
@@ -290,6 +322,7 @@ class OTRTrainerMixin:
             )  # fmt: skip
         finally:
             self._otr_loss_only = False
+            self._otr_in_eval_loop = False
         if self.otr_settings is not None:
             prefix = f"{metric_key_prefix}_"
             output.metrics.update(self.otr_metrics.pop_metrics("eval", prefix, self._otr_reduce))
@@ -299,6 +332,18 @@ class OTRTrainerMixin:
         if self.accelerator.num_processes <= 1:
             return stats
         return self.accelerator.reduce(stats.to(self.accelerator.device), reduction="sum")
+
+
+@contextmanager
+def _local_token_counts(args) -> Iterator[None]:
+    """The Trainer counts tokens on this process only (``average_tokens_across_devices``
+    off, the documented switch of that gather) for the duration of the block."""
+    previous = args.average_tokens_across_devices
+    args.average_tokens_across_devices = False
+    try:
+        yield
+    finally:
+        args.average_tokens_across_devices = previous
 
 
 def _global_count(num_items_in_batch):

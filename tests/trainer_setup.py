@@ -60,6 +60,7 @@ def build_trainer(
     micro_batch: int,
     accumulation: int,
     settings: OTRSettings | None = None,
+    otr: bool = True,
     eval_examples=None,
     model_kwargs: dict | None = None,
     wrap_model=None,
@@ -96,7 +97,8 @@ def build_trainer(
         eval_dataset=eval_examples,
         data_collator=data_collator,
     )
-    install_otr(trainer, settings or OTRSettings(Objective(estimator="exact")))
+    if otr:  # otr=False: the same trainer with plain cross-entropy (a control)
+        install_otr(trainer, settings or OTRSettings(Objective(estimator="exact")))
     grads, logs = GradRecorder(), LogRecorder()
     trainer.add_callback(grads)
     trainer.add_callback(logs)
