@@ -35,6 +35,7 @@ from typing import NamedTuple
 import torch
 
 from .objective import Objective
+from .transform import LogitTransform, softcap_chain_
 
 # Order of the per-chunk statistics vector (sums over positions, unscaled).
 # argmax_share: targets that are the row's largest logit (a tie counts as the argmax).
@@ -208,10 +209,14 @@ def chunk_tail(
     draws: torch.Tensor | None,
     need_grad: bool,
     ws: Workspace | None = None,
+    transform: LogitTransform | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(scaled loss sum, gradient or None, statistics) from the head and the draws.
 
-    The gradient is built in place in ``head.pi``'s buffer.
+    The gradient is built in place in ``head.pi``'s buffer. With a ``transform``, ``z``
+    holds the transformed logits and the gradient is taken with respect to the lm_head's
+    output ``r`` (``transform.py``): its scale is folded into the per-row factors, its
+    soft-capping factor ``1 - (z / c)^2`` is one more product (``aux`` is free by then).
     """
     pi, inv_sum, lse, logp_y, entropy = head.pi, head.inv_sum, head.lse, head.logp_y, head.entropy
     p_y = logp_y.exp()
@@ -266,7 +271,9 @@ def chunk_tail(
         return loss, None, stats
 
     # grad = scale * (total_weight * pi - w), built in place in pi's buffer (which holds
-    # exp(z - max); inv_sum normalizes it).
+    # exp(z - max); inv_sum normalizes it); times dz/dr's constant factor, if any.
+    if transform is not None and transform.scale != 1.0:
+        scale = scale * transform.scale
     grad = pi
     if dense_beta is pi:  # kappa == 1: the beta * pi' term folds into the pi term
         grad.mul_(((total_weight - beta) * scale).unsqueeze(1) * inv_sum)
@@ -278,6 +285,8 @@ def chunk_tail(
     if draws is not None:
         per_draw = (-beta / objective.num_samples) * scale
         grad.scatter_add_(1, draws, per_draw.unsqueeze(1).expand_as(draws))
+    if transform is not None and transform.softcap is not None:
+        softcap_chain_(grad, z, transform.softcap, _buffer(ws, "aux", z))
     return loss, grad, stats
 
 
@@ -308,11 +317,13 @@ def weighted_nll_chunk(
     workspace: Workspace | None = None,
     check_finite: bool = True,
     compile: bool = False,
+    transform: LogitTransform | None = None,
 ) -> ChunkResult:
     """Loss sum, logit gradient and statistics of one chunk.
 
     Args:
-        z: [n, V] logits (not modified), fp32 or the 16-bit compute dtype; the math is fp32.
+        z: [n, V] logits (not modified without a ``transform``), fp32 or the 16-bit
+            compute dtype; the math is fp32.
         targets: [n] int64 target token ids (all valid).
         scale: [n] fp32 normalization weight of each position (e.g. 1 / tokens).
         objective: which weights to use.
@@ -326,6 +337,9 @@ def weighted_nll_chunk(
             sync on a GPU). With False the caller checks ``ChunkResult.finite`` once
             per loss call, and rows that are not finite get harmless sampling weights.
         compile: run the math through ``compiled_stages`` (fresh buffers, no ``out``).
+        transform: ``z`` is the lm_head's output ``r``; it is turned into the model's
+            logits in place (in its own dtype, as the model does), the loss, sampler and
+            statistics read those, and the gradient is ``dl/dr`` (``transform.py``).
     """
     y = targets.unsqueeze(1)
     if z.dtype != torch.float32 and z.device.type == "cpu" and not compile:
@@ -334,6 +348,10 @@ def weighted_nll_chunk(
         ws_up = workspace if workspace is not None else Workspace()
         z = ws_up.take("logits_fp32", z).copy_(z)
         workspace = ws_up
+    if transform is not None and not transform.is_identity:
+        z = transform.apply_(z)
+    else:
+        transform = None
     if compile:
         head_fn, tail_fn = compiled_stages()
         ws = out = None
@@ -362,5 +380,5 @@ def weighted_nll_chunk(
             head.rollout, k, generator, cdf=cdf, uniforms=uniforms, out=ids,
             sanitize=not check_finite,
         )  # fmt: skip
-    loss, grad, stats = tail_fn(z, y, scale, objective, head, draws, need_grad, ws)
+    loss, grad, stats = tail_fn(z, y, scale, objective, head, draws, need_grad, ws, transform)
     return ChunkResult(loss=loss, grad=grad, stats=stats, finite=head.finite)

@@ -32,6 +32,7 @@ from .chunk_budget import (
 )
 from .chunk_math import STAT_NAMES, Workspace, nonfinite_error, weighted_nll_chunk
 from .objective import Objective
+from .transform import LogitTransform
 from .weight_grad import WeightGradAccumulator
 
 # The CPU budget of one chunk's buffers (all of them, see ``chunk_budget``).
@@ -252,12 +253,16 @@ class FusedLinearLoss(torch.autograd.Function):
     ``lora_a`` [r, D] and ``lora_b`` [V, r] (the LoRA scaling folded in) add a low-rank
     term, ``z = h W.T + (h A.T) B.T``: the adapter's gradients come from [n, r]
     products, and ``W + B A`` is never formed.
+
+    ``transform`` (``transform.LogitTransform``): the model's logits are a scaled or
+    soft-capped ``h W.T + b``; each chunk's logits are transformed in place and its
+    gradient taken through the transform in closed form (``chunk_math.chunk_tail``).
     """
 
     @staticmethod
     def forward(
         ctx, hidden, weight, bias, rows, targets, scale, objective, generator, chunk_size,
-        compile, lora_a=None, lora_b=None,
+        compile, lora_a=None, lora_b=None, transform=None,
     ):  # fmt: skip
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         # ``apply`` without the two optional LoRA inputs gives 10 flags, not 12
@@ -278,6 +283,9 @@ class FusedLinearLoss(torch.autograd.Function):
         fp32 = compute_dtype == torch.float32
         low_range = torch.float16 in (compute_dtype, hidden.dtype)
         reference = _range_reference(scale, need_grad and low_range)
+        if reference is not None and transform is not None:
+            # the transform's factor dz/dr = s too: fp16 chunk gradients stay of size pi
+            reference = reference * transform.scale
         if reference is not None:
             scale = scale / reference
         with torch.autocast(device.type, enabled=False):
@@ -314,7 +322,7 @@ class FusedLinearLoss(torch.autograd.Function):
                     z.addmm_(u, lb.t())
                 res = weighted_nll_chunk(
                     z, targets[part], scale[part], objective, generator, need_grad, None,
-                    workspace, check_finite=not sync_free, compile=compile,
+                    workspace, check_finite=not sync_free, compile=compile, transform=transform,
                 )  # fmt: skip
                 loss += res.loss
                 stats += res.stats
@@ -377,7 +385,7 @@ class FusedLinearLoss(torch.autograd.Function):
         if grad_lb is not None:
             grad_lb = ctx.scaler(grad_lb, factor).to(ctx.lora_dtypes[1])
         nothing = (None,) * 7  # rows, targets, scale, objective, generator, chunk_size, compile
-        return (grad_h, grad_w, grad_b, *nothing, grad_la, grad_lb)[: ctx.inputs]
+        return (grad_h, grad_w, grad_b, *nothing, grad_la, grad_lb, None)[: ctx.inputs]
 
 
 def fused_logits_loss(
@@ -412,13 +420,18 @@ def fused_linear_loss(
     chunk_size: int | None,
     compile: bool = False,
     low_rank: tuple[torch.Tensor, torch.Tensor] | None = None,
+    transform: LogitTransform | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, stats) of the rows ``rows`` of 2-D ``hidden`` through the output layer.
 
     ``low_rank``: a LoRA adapter on the output layer as (A [r, D], scaling * B [V, r]).
+    ``transform``: the model's map from the output layer's output to its logits
+    (scaling, soft-capping; ``transform.py``), None or identity for plain logits.
     """
     lora_a, lora_b = low_rank if low_rank is not None else (None, None)
+    if transform is not None and transform.is_identity:
+        transform = None
     return FusedLinearLoss.apply(
         hidden, weight, bias, rows, targets, scale, objective, generator, chunk_size, compile,
-        lora_a, lora_b,
+        lora_a, lora_b, transform,
     )  # fmt: skip

@@ -31,6 +31,7 @@ from .objective import (
     OTRSettings,
     check_choice,
 )
+from .transform import LogitTransform
 
 IGNORE_INDEX = -100
 
@@ -187,6 +188,8 @@ def otr_loss_from_hidden(
     labels: torch.Tensor,
     *,
     lm_head_bias: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
     num_samples: int = DEFAULT_NUM_SAMPLES,
     temperature: float = DEFAULT_TEMPERATURE,
     beta: float = DEFAULT_BETA,
@@ -204,7 +207,10 @@ def otr_loss_from_hidden(
 ):
     """``otr_loss`` of ``hidden_states @ lm_head_weight.T (+ bias)``, never holding the
     logits of the whole batch: they are computed, used and dropped chunk by chunk.
-    ``lm_head_weight`` may be any differentiable tensor (tied, or base + LoRA delta)."""
+    ``lm_head_weight`` may be any differentiable tensor (tied, or base + LoRA delta).
+    ``logit_scale`` and ``logit_softcap``: the model's logits are
+    ``softcap * tanh(scale * r / softcap)`` (or ``scale * r``) of the output layer's
+    ``r = h W^T + b``, as in Cohere/Granite (scale) and Gemma 2 (soft-cap 30)."""
     settings = OTRSettings(
         Objective(objective, num_samples, temperature, beta, estimator, sft_mix),
         normalization=normalization,
@@ -215,6 +221,7 @@ def otr_loss_from_hidden(
         hidden_states, labels, settings, lm_head=(lm_head_weight, lm_head_bias),
         num_items_in_batch=num_items_in_batch, position_ids=position_ids,
         generator=generator, ignore_index=ignore_index,
+        logit_transform=LogitTransform(logit_scale, logit_softcap),
     )  # fmt: skip
     return (loss, stats) if return_metrics else loss
 
@@ -229,12 +236,15 @@ def weighted_loss(
     position_ids: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     ignore_index: int = IGNORE_INDEX,
+    logit_transform: LogitTransform | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss and summed statistics for already validated ``settings``.
 
     ``activations`` are logits [batch, seq, vocab], or hidden states [batch, seq, D] when
     ``lm_head`` gives the output layer's (weight, bias), or (weight, bias, (A, B)) with a
     LoRA adapter kept low-rank (``output_layer``: A [r, D], B [V, r] with its scaling).
+    ``logit_transform`` (hidden states only): the model's logits are that transform of
+    the output layer's output (``transform.py``; measured by ``exactness.py``).
     The trainer calls this directly with its one settings object;
     ``otr_loss``/``otr_loss_from_hidden`` build that object from their keywords.
     """
@@ -266,6 +276,8 @@ def weighted_loss(
         settings.chunk_size, settings.compile,
     )  # fmt: skip
     if lm_head is None:
+        if logit_transform is not None and not logit_transform.is_identity:
+            raise ValueError("a logit transform applies to hidden states; logits are final")
         return fused_logits_loss(flat, *parts)
     if not torch.is_grad_enabled():
         # An autograd Function sees requires_grad, not the grad mode: under no_grad
@@ -273,7 +285,10 @@ def weighted_loss(
         lm_head = _detached(lm_head)
         flat = flat.detach()
     weight, bias, *low_rank = lm_head
-    return fused_linear_loss(flat, weight, bias, *parts, low_rank=low_rank[0] if low_rank else None)
+    return fused_linear_loss(
+        flat, weight, bias, *parts, low_rank=low_rank[0] if low_rank else None,
+        transform=logit_transform,
+    )  # fmt: skip
 
 
 def _detached(value):

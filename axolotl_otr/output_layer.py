@@ -4,8 +4,11 @@ The chunked hidden-state path needs the lm_head as plain tensors. That is exact 
 ``nn.Linear`` (tied or not), a PEFT LoRA-wrapped ``nn.Linear`` (the base weight plus the
 active adapters' low-rank factors, kept apart so that ``W + B A`` is never formed) and a PEFT
 ``modules_to_save`` copy. Anything else (4-bit lm_head, DoRA, LoRA dropout on the
-lm_head, logit soft-capping or scaling after the lm_head) is reported as unsupported, and
-the caller falls back to the model's own logits.
+lm_head) is reported as unsupported, and the caller falls back to the model's own logits.
+
+Whether the model's logits are then the lm_head's output, or a scaled or soft-capped map
+of it, is not decided here by model type: ``exactness.verify_output_layer`` measures it
+on the model when the trainer attaches OTR, and records it as ``OutputLayer.transform``.
 """
 
 from __future__ import annotations
@@ -18,31 +21,17 @@ from typing import Any
 import torch
 from torch import nn
 
-# Architectures whose logits are exactly lm_head(last hidden state): no soft-capping,
-# no logit scaling. Others use the logits path, which is always correct.
-PLAIN_LOGIT_MODEL_TYPES = frozenset(
-    {
-        "llama",
-        "mistral",
-        "mixtral",
-        "qwen2",
-        "qwen2_moe",
-        "qwen3",
-        "qwen3_moe",
-        "phi3",
-        "smollm3",
-        "olmo",
-        "olmo2",
-    }
-)
+from .transform import IDENTITY, LogitTransform
 
 
 @dataclass
 class OutputLayer:
-    """A callable giving the lm_head's current (weight, bias), or why there is none."""
+    """A callable giving the lm_head's current (weight, bias), or why there is none, and
+    the measured map from the lm_head's output to the model's logits."""
 
     weight_and_bias: Callable[[], tuple[torch.Tensor, torch.Tensor | None]] | None
     reason: str = ""
+    transform: LogitTransform = IDENTITY
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:
@@ -52,11 +41,10 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
 
 
 def resolve_output_layer(model: nn.Module) -> OutputLayer:
-    """How to get the (weight, bias) of ``model``'s lm_head, if that is exact."""
+    """How to get the (weight, bias) of ``model``'s lm_head, if it has a plain one
+    (whether the logits are its output, or a transform of it, is measured later:
+    ``exactness.verify_output_layer``)."""
     base = unwrap_peft(model)
-    model_type = getattr(getattr(base, "config", None), "model_type", None)
-    if model_type not in PLAIN_LOGIT_MODEL_TYPES:
-        return OutputLayer(None, f"model type {model_type!r} is not known to use plain logits")
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         return OutputLayer(None, f"{type(base).__name__}.forward has no logits_to_keep")
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None

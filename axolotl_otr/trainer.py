@@ -42,6 +42,7 @@ import torch
 
 from . import map_reading
 from .capture import FinalHidden, capture_final_hidden, find_decoder
+from .exactness import verify_output_layer
 from .loss import count_sequences, weighted_loss
 from .metrics import FIRST_WINDOW, FIRST_WINDOW_KEYS, StatsAccumulator
 from .objective import OTRSettings
@@ -104,6 +105,10 @@ class OTRTrainerMixin:
                 )
             elif self._otr_decoder is None:
                 self.otr_output_layer = OutputLayer(None, "the model has no get_decoder()")
+            else:  # measured on the model itself, once (exactness.py)
+                self.otr_output_layer = verify_output_layer(
+                    self.model, self.otr_output_layer, self._otr_decoder
+                )
         self.otr_metrics = StatsAccumulator()
         self.otr_sampler = StepSampler(settings.seed, self.args.process_index)
         self._otr_call: _Call | None = None
@@ -112,7 +117,7 @@ class OTRTrainerMixin:
         self.compute_loss_func = self._otr_loss_func
         self.add_callback(OTRSamplerState(settings.seed))
         path = (
-            "chunked from hidden states"
+            f"chunked from hidden states ({self.otr_output_layer.transform.describe()})"
             if self.otr_output_layer.weight_and_bias
             else f"from full logits ({self.otr_output_layer.reason})"
         )
@@ -183,6 +188,7 @@ class OTRTrainerMixin:
             loss, stats = weighted_loss(
                 activations, labels, settings, lm_head=lm_head, num_items_in_batch=units,
                 position_ids=call.position_ids, generator=generator,
+                logit_transform=self.otr_output_layer.transform,
             )  # fmt: skip
         steps = self._otr_accumulation_steps() if training else 1
         scale = self._otr_world_scale(num_items_in_batch)
