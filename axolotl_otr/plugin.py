@@ -36,8 +36,11 @@ class OTRPlugin(BasePlugin):
             return
         from .objective import OTRSettings
         from .trainer import install_otr
+        from .training_choices import watch_ce
 
         install_otr(trainer, OTRSettings.from_cfg(cfg))
+        # Axolotl's loss watchdog reads the OTR loss; watch the cross-entropy instead.
+        watch_ce(trainer, cfg.get("loss_watchdog_threshold"), cfg.get("loss_watchdog_patience"))
 
 
 def _base_trainer_cls(cfg: Any) -> type:

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from . import map_reading
-from .capture import FinalHidden, capture_final_hidden, find_decoder
+from .capture import FinalHidden, capture_final_hidden, final_hidden_recorder, find_decoder
 from .exactness import verify_output_layer
 from .loss import count_sequences, weighted_loss
 from .metrics import FIRST_WINDOW, FIRST_WINDOW_KEYS, StatsAccumulator
@@ -49,6 +49,7 @@ from .objective import OTRSettings
 from .output_layer import OutputLayer, choose_output_layer
 from .router_loss import router_loss
 from .sampler import OTRSamplerState, StepSampler
+from .training_choices import select_best_on_ce
 
 # Under "axolotl." so Axolotl's own log configuration shows these lines.
 LOG = logging.getLogger("axolotl.otr")
@@ -109,6 +110,9 @@ class OTRTrainerMixin:
                 self.otr_output_layer = verify_output_layer(
                     self.model, self.otr_output_layer, self._otr_decoder
                 )
+        if self.otr_output_layer.weight_and_bias is not None:
+            # Its hook on the decoder exists before any (compiled) forward: capture.py.
+            final_hidden_recorder(self._otr_decoder)
         self.otr_metrics = StatsAccumulator()
         self.otr_sampler = StepSampler(settings.seed, self.args.process_index)
         self._otr_call: _Call | None = None
@@ -116,6 +120,9 @@ class OTRTrainerMixin:
         self._otr_first_window_read = False
         self.compute_loss_func = self._otr_loss_func
         self.add_callback(OTRSamplerState(settings.seed))
+        best = select_best_on_ce(self.args)  # not the OTR loss: training_choices.py
+        if best is not None:
+            LOG.info(best)
         path = (
             f"chunked from hidden states ({self.otr_output_layer.transform.describe()})"
             if self.otr_output_layer.weight_and_bias

@@ -159,7 +159,7 @@ def test_prediction_keeps_the_full_logits(tiny_dir, tmp_path):
     assert metrics["eval_loss"] == pytest.approx(output.metrics["test_loss"], rel=1e-5)
 
 
-def test_the_capture_hook_lives_for_one_call_and_catches_a_second_forward(tiny_dir):
+def test_the_capture_records_for_one_call_and_catches_a_second_forward(tiny_dir):
     from transformers import AutoModelForCausalLM
 
     from axolotl_otr.capture import capture_final_hidden, find_decoder
@@ -176,7 +176,7 @@ def test_the_capture_hook_lives_for_one_call_and_catches_a_second_forward(tiny_d
     with torch.no_grad(), capture_final_hidden(decoder) as later:
         pass
     with torch.no_grad():
-        model(input_ids=ids)  # after the block: the hook is gone, nothing is recorded
+        model(input_ids=ids)  # after the block: the hook is inert, nothing is recorded
     with pytest.raises(RuntimeError, match="saw 0"):
         later.take()
     with torch.no_grad(), capture_final_hidden(decoder) as twice:

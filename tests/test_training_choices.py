@@ -1,0 +1,158 @@
+"""Best-model selection and the loss watchdog read the cross-entropy under OTR.
+
+The OTR loss (``loss``, ``eval_loss``) does not track quality, so ``load_best_model_at_end``
+and Axolotl's ``early_stopping_patience`` select on ``eval_otr/ce`` (lower is better),
+and ``loss_watchdog_threshold`` watches ``otr/ce``. Unit tests of the rules here, and
+``axolotl train`` runs (``integration``) that keep the right adapter and stop as a
+cross-entropy run stops.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from trainer_setup import build_trainer, make_examples
+from transformers import EarlyStoppingCallback, TrainerControl, TrainerState, TrainingArguments
+
+from axolotl_otr.training_choices import CELossWatchDog, select_best_on_ce
+
+VOCAB = 512
+
+
+def _args(tmp_path, **kwargs) -> TrainingArguments:
+    base = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], eval_strategy="steps")
+    base.update(eval_steps=2, save_steps=2, save_strategy="steps")
+    return TrainingArguments(**{**base, **kwargs})
+
+
+def test_default_selection_moves_from_the_otr_loss_to_the_cross_entropy(tmp_path):
+    args = _args(tmp_path, load_best_model_at_end=True)
+    assert (args.metric_for_best_model, args.greater_is_better) == ("loss", False)
+    line = select_best_on_ce(args)
+    assert (args.metric_for_best_model, args.greater_is_better) == ("eval_otr/ce", False)
+    assert "eval_otr/ce, lower is better" in line
+    explicit = _args(tmp_path, load_best_model_at_end=True, metric_for_best_model="eval_loss")
+    assert select_best_on_ce(explicit) is not None
+    assert explicit.metric_for_best_model == "eval_otr/ce" and explicit.greater_is_better is False
+
+
+@pytest.mark.parametrize("metric", ["eval_otr/ce", "otr/ce"])
+def test_named_cross_entropy_is_lower_is_better(tmp_path, metric):
+    # The Trainer's own default makes any name not ending in "loss" greater-is-better,
+    # and Axolotl 0.19 forwards greater_is_better only when it is true.
+    args = _args(tmp_path, load_best_model_at_end=True, metric_for_best_model=metric)
+    assert args.greater_is_better is True
+    assert "lower is better" in select_best_on_ce(args)
+    assert (args.metric_for_best_model, args.greater_is_better) == (metric, False)
+
+
+def test_other_metrics_and_no_selection_are_left_alone(tmp_path):
+    args = _args(tmp_path, load_best_model_at_end=True, metric_for_best_model="eval_otr/p_target")
+    assert select_best_on_ce(args) is None
+    assert (args.metric_for_best_model, args.greater_is_better) == ("eval_otr/p_target", True)
+    plain = _args(tmp_path)
+    assert select_best_on_ce(plain) is None
+    assert plain.metric_for_best_model is None and plain.greater_is_better is None
+
+
+def test_attached_trainer_early_stops_on_the_cross_entropy(tiny_dir, tmp_path, caplog):
+    examples = make_examples(4, VOCAB)
+    with caplog.at_level(logging.INFO, logger="axolotl.otr"):
+        trainer, _, _ = build_trainer(
+            tiny_dir / "model", tmp_path, examples, micro_batch=2, accumulation=1,
+            eval_examples=make_examples(2, VOCAB, seed=1), eval_strategy="steps",
+            eval_steps=1, save_strategy="steps", save_steps=1, load_best_model_at_end=True,
+        )  # fmt: skip
+    trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=2))
+    assert trainer.args.metric_for_best_model == "eval_otr/ce"
+    assert trainer.args.greater_is_better is False
+    assert "best-model selection" in caplog.text and "eval_otr/ce" in caplog.text
+    # EarlyStoppingCallback reads the trainer's arguments: it counts a rise of the CE.
+    stopper = next(
+        cb for cb in trainer.callback_handler.callbacks if isinstance(cb, EarlyStoppingCallback)
+    )
+    state, control = TrainerState(best_metric=5.0), TrainerControl()
+    stopper.on_evaluate(trainer.args, state, control, metrics={"eval_otr/ce": 5.5})
+    assert stopper.early_stopping_patience_counter == 1
+
+
+def _step_end(watchdog: CELossWatchDog, history: list[dict]) -> bool:
+    control = TrainerControl()
+    watchdog.on_step_end(None, TrainerState(log_history=history), control)
+    return control.should_training_stop
+
+
+def test_ce_watchdog_follows_axolotls_rule_on_the_cross_entropy():
+    watchdog = CELossWatchDog(threshold=6.0, patience=2)
+    history = [{"loss": -0.64, "otr/ce": 6.4, "step": 1}]
+    assert not _step_end(watchdog, history)  # one violation
+    history.append({"eval_loss": -0.6, "eval_otr/ce": 9.0, "step": 1})
+    assert not _step_end(watchdog, history)  # an eval log: neither counts nor resets
+    history.append({"loss": -0.64, "otr/ce": 5.9, "step": 2})
+    assert not _step_end(watchdog, history) and watchdog.violations == 0  # reset
+    history.append({"loss": -0.64, "otr/ce": 6.5, "step": 3})
+    assert not _step_end(watchdog, history)
+    history.append({"loss": -0.64, "otr/ce": 6.6, "step": 4})
+    assert _step_end(watchdog, history)
+    assert CELossWatchDog(threshold=1.0).patience == 3  # Axolotl's default patience
+
+
+# ---- through `axolotl train` ---------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_axolotl_keeps_the_adapter_with_the_lowest_eval_ce(tiny_config, tmp_path):
+    from conftest import run_axolotl_train, write_config
+
+    out = tmp_path / "out"
+    # A learning rate high enough that the cross-entropy stops falling before the end
+    # (the best checkpoint is not the last), and no metric_for_best_model: the default.
+    cfg = tiny_config(
+        max_steps=8, val_set_size=0.1, eval_steps=2, save_steps=2, save_strategy="steps",
+        eval_strategy="steps", load_best_model_at_end=True, learning_rate=5.0,
+        output_dir=str(out), otr_estimator="exact",
+    )  # fmt: skip
+    output, _ = run_axolotl_train(write_config(cfg, tmp_path / "best.yml"))
+    assert "best-model selection" in output and "instead of loss" in output, output[-3000:]
+    state = json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())
+    history = state["log_history"]
+    ce = {log["step"]: log["eval_otr/ce"] for log in history if "eval_otr/ce" in log}
+    loss = {log["step"]: log["eval_loss"] for log in history if "eval_loss" in log}
+    ce.pop(0, None)  # Axolotl's evaluation before the first step has no checkpoint
+    assert sorted(ce) == [2, 4, 6, 8], history
+    best = min(ce, key=ce.get)
+    # The Trainer's own record of the selection (whatever step the minimum falls on)...
+    assert state["best_metric"] == ce[best], (state["best_metric"], ce)
+    assert state["best_model_checkpoint"] == str(out / f"checkpoint-{best}")
+    # ...and the adapter Axolotl wrote at the end is that checkpoint's, no other's.
+    kept = load_file(out / "adapter_model.safetensors")
+    matches = []
+    for step in sorted(ce):
+        saved = load_file(out / f"checkpoint-{step}" / "adapter_model.safetensors")
+        if all(torch.equal(kept[name], saved[name]) for name in kept):
+            matches.append(step)
+    assert matches == [best], {"eval_otr/ce": ce, "eval_loss": loss, "kept": matches}
+
+
+@pytest.mark.integration
+def test_loss_watchdog_stops_an_otr_run_as_it_stops_a_ce_run(tiny_config, tmp_path):
+    from conftest import run_axolotl_train, write_config
+
+    watchdog = dict(loss_watchdog_threshold=0.01, loss_watchdog_patience=2, max_steps=6)
+    stopped = {}
+    for otr in (False, True):
+        cfg = tiny_config(
+            otr=otr, output_dir=str(tmp_path / f"out-{otr}"),
+            dataset_prepared_path=str(tmp_path / f"prep-{otr}"), **watchdog,
+        )  # fmt: skip
+        output, logs = run_axolotl_train(write_config(cfg, tmp_path / f"dog-{otr}.yml"))
+        stopped[otr] = [log for log in logs if "loss" in log]
+        assert "stopping training (loss_watchdog_threshold)" in output, output[-3000:]
+    # Axolotl's rule (at a step's end, the latest log) stops the CE run at step 3; the
+    # OTR run, whose cross-entropy is as far above 0.01, stops at the same step.
+    assert len(stopped[False]) == len(stopped[True]) == 3
+    assert all(log["otr/ce"] > 0.01 > log["loss"] for log in stopped[True])
