@@ -69,7 +69,7 @@ step "the loss alone: CE, Liger FLCE, OTR (eager and compiled)" 140 \
     "$PY" bench/loss_speed.py "${LOSS_ARGS[@]}" --json "$RESULTS/loss_speed.json"
 step "LoRA training steps through trainer.train(), Qwen2.5-0.5B and 1.5B shapes, bf16, seq 2048, frozen and trainable lm_head" 210 \
     "$PY" bench/step_time.py "${STEP_ARGS[@]}" --json "$RESULTS/step_time.json"
-step "the loss's memory ledger, Qwen2.5-0.5B and 7B lm_head shapes, 2048 and 8192 positions" 80 \
+step "the loss's memory ledger, Qwen2.5-0.5B and 7B and Gemma-3-1B lm_head shapes, 2048 and 8192 positions" 80 \
     "$PY" bench/loss_memory.py "${MEMORY_ARGS[@]}" --json "$RESULTS/loss_memory.json"
 
 if [[ $DEVICE == cuda ]] && "$PY" -c "import axolotl, bitsandbytes, flash_attn" 2>/dev/null; then

@@ -90,8 +90,9 @@ def memory_table(data: dict) -> list[str]:
         otr = row["otr_sampled"]
         ledger = otr.get("analytic_gpu") if data["device"] == "cuda" else otr.get("analytic_cpu")
         shown = f"{ledger['total_bytes'] / 2**20:.1f}" if ledger else "n/a"
+        cap = f", soft-cap {row['softcap']:g}" if row.get("softcap") else ""
         lines.append(
-            f"| {row['shape']} | {row['vocab']} | {row['tokens']} | {row['head']} | "
+            f"| {row['shape']}{cap} | {row['vocab']} | {row['tokens']} | {row['head']} | "
             f"{otr['measured_bytes'] / 2**20:.1f} | {shown} | "
             f"{_mark(row['otr_vs_sft_chunked'], 1.05)} | {_mark(row['otr_vs_sft_full'], 1.0)} |"
         )
