@@ -195,7 +195,8 @@ class OTRTrainerMixin:
             loss, stats = weighted_loss(
                 activations, labels, settings, lm_head=lm_head, num_items_in_batch=units,
                 position_ids=call.position_ids, generator=generator,
-                logit_transform=self.otr_output_layer.transform,
+                # The model's own logits already carry its transform (scale, soft-cap).
+                logit_transform=None if lm_head is None else self.otr_output_layer.transform,
             )  # fmt: skip
         steps = self._otr_accumulation_steps() if training else 1
         scale = self._otr_world_scale(num_items_in_batch)

@@ -226,3 +226,33 @@ def test_trainer_attaches_the_measured_path_and_trains_it_like_the_logits_path(n
     assert runs[True].keys() == runs[False].keys()
     for key, grad in runs[False].items():
         assert close(runs[True][key], grad), key
+
+
+@pytest.mark.parametrize("name", ["gemma2", "cohere"])
+def test_calls_that_keep_the_logits_work_on_a_transformed_family(name, tmp_path):
+    """Prediction with the logits kept (``prediction_step(prediction_loss_only=False)``,
+    ``evaluate`` with ``compute_metrics``, Axolotl's prediction tables) takes the logits
+    path, whose logits already carry the model's scale or soft-cap: the loss must not apply
+    the measured transform a second time, and must equal the logits-only trainer's."""
+    model_dir = tmp_path / "model"
+    BY_NAME[name].build().save_pretrained(model_dir)
+    examples = make_examples(4, VOCAB)
+    losses = {}
+    for fused in (True, False):
+        trainer, _, _ = build_trainer(
+            model_dir, tmp_path / f"out-{fused}", examples, micro_batch=4, accumulation=1,
+            settings=OTRSettings(Objective(estimator="exact"), fused=fused),
+            eval_examples=examples,
+        )  # fmt: skip
+        trainer.compute_metrics = lambda _: {"seen": 1.0}  # the loop keeps the logits
+        assert (trainer.output_layer.weight_and_bias is not None) == fused
+        batch = next(iter(trainer.get_eval_dataloader()))
+        loss, logits, _ = trainer.prediction_step(
+            trainer.model, batch, prediction_loss_only=False
+        )
+        assert logits is not None
+        metrics = trainer.evaluate()
+        assert metrics["eval_seen"] == 1.0 and "eval_otr/ce" in metrics
+        losses[fused] = (loss, metrics["eval_loss"], metrics["eval_otr/ce"])
+    torch.testing.assert_close(losses[True][0], losses[False][0], rtol=1e-5, atol=1e-6)
+    assert losses[True][1:] == pytest.approx(losses[False][1:], rel=1e-5, abs=1e-6)
