@@ -57,7 +57,7 @@ BLOCK_BYTES = 64 << 20
 SCALE_KEYS = ("logit_scale", "logits_scaling", "lm_head_multiplier")
 SOFTCAP_KEYS = ("final_logit_softcapping",)
 # Relative error allowed above the dtype's own rounding: fp32 GEMMs may run in TF32.
-MIN_TOLERANCE = 1e-3
+MIN_TOLERANCE = 4e-3  # fp32 models under TF32 round h and W to ~1e-3 relative
 
 
 @dataclass(frozen=True)

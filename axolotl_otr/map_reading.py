@@ -212,8 +212,11 @@ def map_line(p_target: float, argmax_share: float, otr_map: dict[str, Any]) -> s
     ``otr_sft_mix: 0.3``. ``read_map`` gives the full reasoning (the debug log)."""
     if not (isinstance(p_target, int | float) and math.isfinite(p_target)):
         return "OTR map: no target token in the first optimizer step; nothing to place"
-    share = argmax_share if isinstance(argmax_share, int | float) else float("nan")
-    you = f"OTR map: your p(target) {_p(p_target)}, argmax {_share(share)}"
+    finite = isinstance(argmax_share, int | float) and math.isfinite(argmax_share)
+    share = float(argmax_share) if finite else 0.5  # no tie-break without a share
+    you = f"OTR map: your p(target) {_p(p_target)}" + (
+        f", argmax {_share(share)}" if finite else ""
+    )
     levels = _levels(otr_map)
     if not levels:
         return f"{you}; the map has no measured level yet"

@@ -38,6 +38,7 @@ class OTRPlugin(BasePlugin):
         from .trainer import install_otr
         from .training_choices import watch_ce
 
+        trainer.otr_named_best_metric = cfg.get("metric_for_best_model")
         install_otr(trainer, OTRSettings.from_cfg(cfg))
         # Axolotl's loss watchdog reads the OTR loss; watch the cross-entropy instead.
         watch_ce(trainer, cfg.get("loss_watchdog_threshold"), cfg.get("loss_watchdog_patience"))

@@ -70,6 +70,9 @@ class OTRTrainerMixin:
 
     otr_settings: OTRSettings | None = None
     _otr_loss_only = False  # inside an evaluation loop that keeps no logits
+    # The metric_for_best_model the user's config names (the plugin sets it before
+    # attaching): TrainingArguments hold "loss" both when it is named and when it is not.
+    otr_named_best_metric: str | None = None
     _otr_in_eval_loop = False  # inside evaluation_loop, which every process runs
 
     def attach_otr(self, settings: OTRSettings) -> OTRTrainerMixin:
@@ -110,6 +113,7 @@ class OTRTrainerMixin:
                 self.otr_output_layer = verify_output_layer(
                     self.model, self.otr_output_layer, self._otr_decoder
                 )
+        self.otr_output_layer = self._otr_agree_on_path(self.otr_output_layer)
         if self.otr_output_layer.weight_and_bias is not None:
             # Its hook on the decoder exists before any (compiled) forward: capture.py.
             final_hidden_recorder(self._otr_decoder)
@@ -120,9 +124,10 @@ class OTRTrainerMixin:
         self._otr_first_window_read = False
         self.compute_loss_func = self._otr_loss_func
         self.add_callback(OTRSamplerState(settings.seed))
-        best = select_best_on_ce(self.args)  # not the OTR loss: training_choices.py
-        if best is not None:
-            LOG.info(best)
+        # Not the OTR loss: training_choices.py.
+        best = select_best_on_ce(self.args, named=self.otr_named_best_metric)
+        if best is not None:  # a change of what the user's run keeps: say it loudly
+            LOG.warning(best)
         path = (
             f"chunked from hidden states ({self.otr_output_layer.transform.describe()})"
             if self.otr_output_layer.weight_and_bias
@@ -130,6 +135,21 @@ class OTRTrainerMixin:
         )
         LOG.info("OTR on (%s): %s; loss computed %s", type(self).__name__, settings, path)
         return self
+
+    def _otr_agree_on_path(self, layer: OutputLayer) -> OutputLayer:
+        """Every process takes the fused path, or none does. The exactness check runs on
+        each process alone; a result at its tolerance, or another GPU type, could split
+        them, and the processes would then differ in memory and speed. Every process
+        attaches (the trainer is built on each), so one gather here meets them all."""
+        if self.accelerator.num_processes <= 1:
+            return layer
+        here = torch.tensor([int(layer.weight_and_bias is not None)], device=self.args.device)
+        everywhere = int(self.accelerator.gather(here).min())  # once, at attach
+        if layer.weight_and_bias is not None and not everywhere:
+            return OutputLayer(
+                None, "another process's exactness check chose the logits path; all follow it"
+            )
+        return layer
 
     @property
     def output_layer(self) -> OutputLayer:
@@ -300,18 +320,24 @@ class OTRTrainerMixin:
         if not means["tokens"]:
             return {}
         if self.is_world_process_zero():
+            # A map that cannot be read costs its line, never the run.
             try:
                 otr_map = map_reading.load_map()
-                line = map_reading.map_line(means["p_target"], means["argmax_share"], otr_map)
-                reasoning = map_reading.read_map(
-                    means["p_target"], means["argmax_share"], otr_map,
-                    tokens=int(means["tokens"]),
-                )  # fmt: skip
-            except (OSError, ValueError) as err:
-                LOG.warning("OTR map: not read (%s)", err)
+                LOG.info(map_reading.map_line(means["p_target"], means["argmax_share"], otr_map))
+            except Exception as err:  # noqa: BLE001
+                LOG.warning("OTR map: not read (%s: %s)", type(err).__name__, err)
             else:
-                LOG.info(line)
-                LOG.debug(reasoning)
+                try:
+                    LOG.debug(
+                        map_reading.read_map(
+                            means["p_target"],
+                            means["argmax_share"],
+                            otr_map,
+                            tokens=int(means["tokens"]),
+                        )  # fmt: skip
+                    )
+                except Exception as err:  # noqa: BLE001
+                    LOG.debug("OTR map: no full reading (%s: %s)", type(err).__name__, err)
         return {key: round(means[name], 6) for name, key in FIRST_WINDOW_KEYS.items()}
 
     def evaluation_loop(

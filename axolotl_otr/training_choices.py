@@ -38,11 +38,22 @@ TRAIN_CE = "otr/ce"
 _LOSS_METRICS = ("loss", "eval_loss")
 
 
-def select_best_on_ce(args: TrainingArguments) -> str | None:
+def select_best_on_ce(args: TrainingArguments, named: str | None = None) -> str | None:
     """Point best-model selection at ``eval_otr/ce``, lower is better, unless the user
     chose another metric. Changes ``args`` in place; returns the log line (None: no change).
+
+    ``named``: the metric the user wrote in the config, where known (the Axolotl plugin
+    passes it). The Trainer writes ``loss`` into ``args`` when none is named, so ``args``
+    alone cannot tell "the loss, on purpose" from "nothing": a loss the user named
+    is kept, with a warning; otherwise the loss is replaced.
     """
     metric = args.metric_for_best_model
+    if metric in _LOSS_METRICS and named in _LOSS_METRICS:
+        return (
+            f"OTR: metric_for_best_model {named} kept as your config names it, but under OTR "
+            "it is the OTR objective, which does not track quality: remove it to select on "
+            f"{CE_METRIC} (lower is better)"
+        )
     if metric in _LOSS_METRICS:
         args.metric_for_best_model, args.greater_is_better = CE_METRIC, False
         return (

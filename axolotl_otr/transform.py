@@ -69,5 +69,6 @@ def softcap_chain_(grad: torch.Tensor, z: torch.Tensor, softcap: float, scratch=
     logits ``z`` (the scale factor ``s`` is applied by the caller, folded into the
     per-row weights). Two passes: ``z * z`` into ``scratch`` (fp32 [n, V], may be None),
     then ``grad - grad * z^2 / c^2``."""
-    square = torch.mul(z, z, out=scratch) if scratch is not None else z.float() * z
+    # The square in fp32 (z may be 16-bit on a GPU): copy, then square in place.
+    square = scratch.copy_(z).square_() if scratch is not None else z.float().square()
     return grad.addcmul_(grad, square, value=-1.0 / (softcap * softcap))

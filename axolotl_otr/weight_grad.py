@@ -55,11 +55,13 @@ def fused_fp32_addmm(device: torch.device, dtype: torch.dtype) -> bool:
         if dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] < 8:
             _FUSED[key] = False
         else:
-            a = torch.zeros(2, 2, dtype=dtype, device=device)
-            acc = torch.zeros(2, 2, dtype=torch.float32, device=device)
+            # Non-zero values: the call must add into ``acc`` (beta 1), not overwrite it.
+            a = torch.eye(2, dtype=dtype, device=device) * 2
+            acc = torch.ones(2, 2, dtype=torch.float32, device=device)
+            want = torch.tensor([[5.0, 1.0], [1.0, 5.0]], device=device)
             try:
                 addmm_fp32(acc, a, a)
-                _FUSED[key] = True
+                _FUSED[key] = bool(torch.equal(acc, want))  # once per device and dtype
             except (RuntimeError, NotImplementedError, TypeError):
                 _FUSED[key] = False
     return _FUSED[key]

@@ -22,8 +22,23 @@ from axolotl_otr.objective import (
 )
 
 
+def _fail_the_check_here() -> None:
+    """OTR_TEST_FAIL_CHECK_ON_RANK=R: the exactness check fails on rank R alone."""
+    import os
+
+    from axolotl_otr import exactness
+
+    if os.environ.get("OTR_TEST_FAIL_CHECK_ON_RANK") == os.environ.get("RANK", "0"):
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("this rank's check fails (test)")
+
+        exactness.probe = broken
+
+
 def main() -> None:
     model, out, micro_batch, accumulation, normalization = sys.argv[1:6]
+    _fail_the_check_here()
     settings = OTRSettings(Objective(estimator="exact"), normalization=normalization)
     trainer, grads, logs = build_trainer(
         model,
@@ -36,7 +51,14 @@ def main() -> None:
     trainer.train()
     if trainer.args.process_index == 0:
         torch.save(
-            {"grads": grads.grads[0], "logs": logs.logs, "world": trainer.args.world_size}, out
+            {
+                "grads": grads.grads[0],
+                "logs": logs.logs,
+                "world": trainer.args.world_size,
+                "fused": trainer.output_layer.weight_and_bias is not None,
+                "reason": trainer.output_layer.reason,
+            },
+            out,
         )
 
 

@@ -22,8 +22,10 @@ pytestmark = pytest.mark.integration
 WORKER = Path(__file__).parent / "ddp_worker.py"
 
 
-def run(tiny_dir, out: Path, processes: int, micro_batch: int, accumulation: int, norm: str):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parents[1])}
+def run(
+    tiny_dir, out: Path, processes: int, micro_batch: int, accumulation: int, norm: str, **env_extra
+):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parents[1]), **env_extra}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
         "--master_port", str(29500 + os.getpid() % 1000 + processes),
@@ -53,3 +55,15 @@ def test_two_processes_equal_one_process_with_the_global_batch(tiny_dir, tmp_pat
         (value_one,) = [log[key] for log in one["logs"] if key in log]
         (value_two,) = [log[key] for log in two["logs"] if key in log]
         assert 0 <= value_one < 1 and value_two == pytest.approx(value_one, rel=1e-4, abs=1e-6)
+
+
+def test_every_process_takes_the_path_one_process_had_to_take(tiny_dir, tmp_path):
+    """The exactness check runs on each process alone; when it fails on rank 1 only,
+    rank 0 (whose check passed) follows it to the logits path, and training proceeds."""
+    agreed = run(tiny_dir, tmp_path / "agreed.pt", 2, 2, 1, "token")
+    assert agreed["fused"], agreed["reason"]
+    split = run(tiny_dir, tmp_path / "split.pt", 2, 2, 1, "token", OTR_TEST_FAIL_CHECK_ON_RANK="1")
+    assert not split["fused"] and "another process" in split["reason"], split["reason"]
+    assert split["grads"].keys() == agreed["grads"].keys()
+    for name, grad in agreed["grads"].items():  # the two paths compute the same loss
+        torch.testing.assert_close(split["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=name)

@@ -131,3 +131,25 @@ def test_inert_without_otr(tiny_dir, tmp_path, caplog):
     logged = [log for log in trainer.state.log_history if "loss" in log]
     assert logged and not any(key in logged[0] for key in FIRST_WINDOW_KEYS.values())
     assert "OTR map" not in caplog.text
+
+
+def test_a_map_that_cannot_be_read_costs_its_line_not_the_run(
+    tiny_dir, tmp_path, monkeypatch, caplog
+):
+    """Any error reading the map (here a level whose difference is not an object, which
+    raises AttributeError inside the reader) is a warning; training goes on."""
+    broken = {
+        "methods": {"otr_sampled": "pure OTR"},
+        "levels": [
+            {"name": "L", "p_target": 0.9, "argmax_share": 0.9, "differences": {"otr_sampled": 1}}
+        ],
+    }
+    monkeypatch.setattr(map_reading, "load_map", lambda: broken)
+    trainer, _, logs = build_trainer(
+        tiny_dir / "model", tmp_path, make_examples(4, VOCAB), micro_batch=2, accumulation=1,
+        max_steps=2, settings=OTRSettings(Objective(num_samples=4)),
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="axolotl.otr"):
+        trainer.train()
+    assert sum("loss" in log for log in logs.logs) == 2
+    assert "OTR map: not read (AttributeError" in caplog.text

@@ -307,3 +307,8 @@ def test_the_line_without_a_measure_or_a_level():
     assert "nothing to place" in map_reading.map_line(float("nan"), 0.5, load_map())
     empty = {"methods": METHODS, "levels": []}
     assert "no measured level" in map_reading.map_line(0.5, 0.5, empty)
+
+
+def test_the_line_without_an_argmax_share_leaves_it_out(synthetic_map):
+    line = map_reading.map_line(0.58, float("nan"), synthetic_map)
+    assert "nan" not in line and line.startswith("OTR map: your p(target) 0.58; nearest level")

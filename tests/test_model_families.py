@@ -247,9 +247,7 @@ def test_calls_that_keep_the_logits_work_on_a_transformed_family(name, tmp_path)
         trainer.compute_metrics = lambda _: {"seen": 1.0}  # the loop keeps the logits
         assert (trainer.output_layer.weight_and_bias is not None) == fused
         batch = next(iter(trainer.get_eval_dataloader()))
-        loss, logits, _ = trainer.prediction_step(
-            trainer.model, batch, prediction_loss_only=False
-        )
+        loss, logits, _ = trainer.prediction_step(trainer.model, batch, prediction_loss_only=False)
         assert logits is not None
         metrics = trainer.evaluate()
         assert metrics["eval_seen"] == 1.0 and "eval_otr/ce" in metrics

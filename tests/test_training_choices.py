@@ -156,3 +156,16 @@ def test_loss_watchdog_stops_an_otr_run_as_it_stops_a_ce_run(tiny_config, tmp_pa
     # OTR run, whose cross-entropy is as far above 0.01, stops at the same step.
     assert len(stopped[False]) == len(stopped[True]) == 3
     assert all(log["otr/ce"] > 0.01 > log["loss"] for log in stopped[True])
+
+
+@pytest.mark.parametrize("named", ["eval_loss", "loss"])
+def test_a_loss_the_config_names_is_kept_with_a_warning(tmp_path, named):
+    """The plugin passes the YAML's own metric_for_best_model: a loss named there on
+    purpose is kept (the arguments alone cannot tell it from the Trainer's default)."""
+    args = _args(tmp_path, load_best_model_at_end=True, metric_for_best_model=named)
+    line = select_best_on_ce(args, named=named)
+    assert f"metric_for_best_model {named} kept" in line and "eval_otr/ce" in line
+    assert args.metric_for_best_model == named and args.greater_is_better is False
+    unnamed = _args(tmp_path, load_best_model_at_end=True)
+    select_best_on_ce(unnamed, named=None)
+    assert unnamed.metric_for_best_model == "eval_otr/ce"
