@@ -39,10 +39,18 @@ def batch(seed: int = 0):
     return ids, labels, mask
 
 
-def close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-4) -> bool:
+def close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-4, floor: float = 0.0) -> bool:
     """Equal up to fp32 rounding, measured on the whole tensor (a gradient's entries
-    span many orders of magnitude; its norm is what an optimizer step sees)."""
-    return (got - want).norm().item() <= rtol * want.norm().item() + 1e-12
+    span many orders of magnitude; its norm is what an optimizer step sees). ``floor``:
+    an absolute allowance for a tensor whose gradient is a cancellation residue far
+    below the model's (Qwen3-Next's ``A_log``, ~1e-8 where others are ~1e-1), whose last
+    digits depend on the summation order and the thread count."""
+    return (got - want).norm().item() <= rtol * want.norm().item() + max(floor, 1e-12)
+
+
+def rounding_floor(grads: dict[str, torch.Tensor]) -> float:
+    """fp32 rounding of the whole model's gradient: 1e-6 of its total norm."""
+    return 1e-6 * torch.stack([g.norm() for g in grads.values()]).norm().item()
 
 
 def checked(model):
@@ -84,8 +92,9 @@ def test_family_takes_the_fused_path_and_equals_the_logits_path(family: Family):
         plain_loss, plain_grads = loss_and_grads(model, layer, settings, fused=False)
         torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=1e-6)
         assert fused_grads.keys() == plain_grads.keys()
+        floor = rounding_floor(plain_grads)
         for name, grad in plain_grads.items():
-            assert close(fused_grads[name], grad), (family.name, name)
+            assert close(fused_grads[name], grad, floor=floor), (family.name, name)
 
 
 def test_the_twins_logits_reach_past_the_transforms():
