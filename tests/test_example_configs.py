@@ -6,7 +6,8 @@ model's config (never its weights) and writes output_dir/debug.log, and nothing 
 on the way needs the network or a GPU. So only what cannot exist here is swapped:
 
 - ``base_model``: a hub id -> a local tiny model *of the same architecture*
-  (the tiny Llama for Llama configs; a tiny Qwen2 config for Qwen2 configs), so
+  (the tiny Llama for Llama configs; a tiny config of the same model_type for the
+  others: Qwen2, Qwen3, Gemma 3 text, Mistral, Phi-3, SmolLM3), so
   Axolotl's model-type-dependent checks and hooks still see the right model type;
 - dataset paths: hub datasets -> the tiny local alpaca jsonl (prompt ``type`` kept);
 - ``output_dir``, ``dataset_prepared_path``: into this test's tmp dir.
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from family_configs import FAMILY_CONFIGS
 from pydantic import ValidationError
 
 from axolotl_otr.args import OTRArgs
@@ -36,7 +38,10 @@ CONFIG_DIR = REPO / "examples" / "configs"
 EXAMPLES = sorted(CONFIG_DIR.glob("*.yml"))
 # The CPU configs (trained here: `make demo`, `make demo-tiny`); the rest target GPUs.
 CPU_CONFIGS = ("tiny-cpu-lora.yml", "smollm2-135m-otr-lora.yml")
-SHARED = [path for path in EXAMPLES if path.name not in CPU_CONFIGS]
+# The OTR versions of Axolotl's own examples (tests/family_configs.py): settings as in
+# Axolotl's example, checked by their own tests (tests/test_family_configs.py).
+FAMILY = [path for path in EXAMPLES if path.name in FAMILY_CONFIGS]
+SHARED = [path for path in EXAMPLES if path.name not in CPU_CONFIGS and path not in FAMILY]
 DEMO_CONFIG = CONFIG_DIR / "smollm2-135m-otr-lora.yml"
 
 # base_model -> the Hugging Face model_type of that checkpoint (a new base model
@@ -46,7 +51,15 @@ ARCHITECTURES = [
     (re.compile(r"(^|/)(Meta-)?Llama-3", re.IGNORECASE), "llama"),
     (re.compile(r"^\./\.cache/tiny/model$"), "llama"),
     (re.compile(r"^\./\.cache/smollm2-135m-instruct-v2$"), "llama"),  # SmolLM2 is a Llama
+    (re.compile(r"^Qwen/Qwen3-"), "qwen3"),
+    (re.compile(r"^google/gemma-3-1b"), "gemma3_text"),  # the 1B (and 270m) are text-only
+    (re.compile(r"^mistralai/Mistral-7B"), "mistral"),
+    (re.compile(r"^microsoft/Phi-3"), "phi3"),
+    (re.compile(r"^HuggingFaceTB/SmolLM3-"), "smollm3"),
 ]
+# The stand-ins' tying, as released (config only: load_cfg never builds the model).
+TIED = {"qwen2": True, "qwen3": False, "gemma3_text": True, "mistral": False, "phi3": False}
+TIED["smollm3"] = True
 
 # The keys the shared configs spell out, each at its documented default.
 SPELLED_OUT = (
@@ -93,11 +106,9 @@ def restore_environment():
 def tiny_models(tiny_dir, tmp_path_factory) -> dict[str, Path]:
     """model_type -> a local tiny model dir of that architecture."""
     from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     llama = tiny_dir / "model"
-    qwen2 = tmp_path_factory.mktemp("tiny-qwen2")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(llama / name, qwen2 / name)
     source = AutoConfig.from_pretrained(llama)
     sizes = {
         key: getattr(source, key)
@@ -114,19 +125,27 @@ def tiny_models(tiny_dir, tmp_path_factory) -> dict[str, Path]:
             "pad_token_id",
         )
     }
-    config = AutoConfig.for_model("qwen2", tie_word_embeddings=True, **sizes)
-    config.architectures = ["Qwen2ForCausalLM"]
-    config.save_pretrained(qwen2)
-    return {"llama": llama, "qwen2": qwen2}
+    models = {"llama": llama}
+    for model_type, tied in TIED.items():
+        folder = models[model_type] = tmp_path_factory.mktemp(f"tiny-{model_type}")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(llama / name, folder / name)
+        config = AutoConfig.for_model(model_type, tie_word_embeddings=tied, **sizes)
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]]
+        config.save_pretrained(folder)
+    return models
 
 
 @pytest.fixture
 def load_example(tiny_dir, tiny_models, tmp_path, monkeypatch):
     """Load an example through Axolotl's load_cfg with only the unreachable parts swapped."""
     import axolotl.cli.config as axolotl_config
+    import axolotl.utils.config as axolotl_utils_config
 
     def load(path: Path, n_gpu: int = 1, **overrides):
         monkeypatch.setattr(axolotl_config, "gpu_capabilities", lambda: target_gpus(n_gpu))
+        # `bf16: auto` (Axolotl's own examples) asks torch directly; the same card answers.
+        monkeypatch.setattr(axolotl_utils_config, "is_torch_bf16_gpu_available", lambda: True)
         raw = yaml.safe_load(path.read_text())
         cfg = dict(raw)
         tiny_model = tiny_models[architecture(raw["base_model"])]
@@ -166,7 +185,8 @@ def test_example_validates_with_axolotl_and_keeps_its_otr_keys(load_example, pat
         assert cfg[key] == value, (key, cfg[key], value)
     for key in CUDA_SETTINGS:
         if key in raw:
-            assert cfg[key] == raw[key], (key, cfg[key], raw[key])
+            expected = True if raw[key] == "auto" else raw[key]  # auto: the probed bf16 card
+            assert cfg[key] == expected, (key, cfg[key], raw[key])
     assert cfg.sample_packing == raw["sample_packing"]
     assert [d["type"] for d in cfg.datasets] == [d["type"] for d in raw["datasets"]]
 
