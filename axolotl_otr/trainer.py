@@ -327,17 +327,7 @@ class OTRTrainerMixin:
             except Exception as err:  # noqa: BLE001
                 LOG.warning("OTR map: not read (%s: %s)", type(err).__name__, err)
             else:
-                try:
-                    LOG.debug(
-                        map_reading.read_map(
-                            means["p_target"],
-                            means["argmax_share"],
-                            otr_map,
-                            tokens=int(means["tokens"]),
-                        )  # fmt: skip
-                    )
-                except Exception as err:  # noqa: BLE001
-                    LOG.debug("OTR map: no full reading (%s: %s)", type(err).__name__, err)
+                LOG.debug(_full_reading(means, otr_map))
         return {key: round(means[name], 6) for name, key in FIRST_WINDOW_KEYS.items()}
 
     def evaluation_loop(
@@ -372,6 +362,16 @@ class OTRTrainerMixin:
         if self.accelerator.num_processes <= 1:
             return stats
         return self.accelerator.reduce(stats.to(self.accelerator.device), reduction="sum")
+
+
+def _full_reading(means: dict[str, float], otr_map: dict[str, Any]) -> str:
+    """The map's full reasoning for the debug log (any error: a line saying so)."""
+    try:
+        return map_reading.read_map(
+            means["p_target"], means["argmax_share"], otr_map, tokens=int(means["tokens"])
+        )
+    except Exception as err:  # noqa: BLE001
+        return f"OTR map: no full reading ({type(err).__name__}: {err})"
 
 
 @contextmanager
