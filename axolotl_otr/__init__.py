@@ -1,8 +1,18 @@
 """One-Token Rollout (OTR) fine-tuning for Axolotl (the algorithm: docs/algorithm.md).
 
-The loss (``otr_loss``, pure torch) imports nothing from Axolotl; the plugin class
-(``OTRPlugin``) and its config schema (``OTRArgs``) are imported lazily, so
-``import axolotl_otr`` stays cheap and works without Axolotl installed.
+The layers, each importing only those above it in this list:
+
+- ``objective``: the settings, their defaults and allowed ranges (pure Python);
+- ``kernels/``: the chunked loss math (pure torch);
+- ``loss``, ``scaling``, ``metrics``: the public loss functions, how a micro-batch's loss
+  is scaled into its window, and the metric names and their sums;
+- ``map_reading`` (with ``otr_map.json``): the one-line reading of the measured map;
+- ``model/``: what the loss needs from a model (lm_head, hidden state, exactness, path);
+- ``trainer/``: the Hugging Face Trainer glue (mixin, sampler state, callbacks);
+- ``args``, ``plugin``: the Axolotl glue (config schema, plugin hooks).
+
+Everything public is imported lazily, so ``import axolotl_otr`` stays cheap and works
+without Axolotl installed.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ _LAZY = {
     "OTRSettings": "axolotl_otr.objective",
     "install_otr": "axolotl_otr.trainer",
     "with_otr": "axolotl_otr.trainer",
+    "OTRTrainerMixin": "axolotl_otr.trainer",
     "OTRArgs": "axolotl_otr.args",
     "OTRPlugin": "axolotl_otr.plugin",
 }

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .fused import fused_linear_loss, fused_logits_loss
+from .kernels.fused import fused_linear_loss, fused_logits_loss
+from .kernels.transform import LogitTransform
 from .metrics import stats_to_metrics
 from .objective import (
     DEFAULT_BETA,
@@ -31,7 +32,6 @@ from .objective import (
     OTRSettings,
     check_choice,
 )
-from .transform import LogitTransform
 
 IGNORE_INDEX = -100
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from .chunk_math import STAT_NAMES
+from .kernels.chunk_math import STAT_NAMES
 
 PREFIX = "otr/"
 # statistic (a name in STAT_NAMES) -> logged key; the perplexity is exp of the mean CE.

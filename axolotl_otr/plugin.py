@@ -36,7 +36,7 @@ class OTRPlugin(BasePlugin):
             return
         from .objective import OTRSettings
         from .trainer import install_otr
-        from .training_choices import watch_ce
+        from .trainer.training_choices import watch_ce
 
         trainer.otr_named_best_metric = cfg.get("metric_for_best_model")
         install_otr(trainer, OTRSettings.from_cfg(cfg))

@@ -1,37 +1,23 @@
-"""Shared fixtures: the tiny offline model, its configs, and running `axolotl train`."""
+"""Shared fixtures: the tiny offline model and its configs. Helpers live in tests/support."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = REPO / "examples" / "configs" / "tiny-cpu-lora.yml"
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1"}
+from tests.support.axolotl_cli import OFFLINE_ENV, TINY_CONFIG
+from tests.support.examples import load_example
+
 os.environ.update(OFFLINE_ENV)
-sys.path.insert(0, str(Path(__file__).parent))
-
-
-def _load_example(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / "tiny" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-parse_logs = _load_example("summarize_run").parse_logs
 
 
 @pytest.fixture
 def recorded_draws(monkeypatch) -> list:
     """Every batch of tokens the sampled estimator draws, in order (the loss is unchanged)."""
-    import axolotl_otr.chunk_math as chunk_math
+    import axolotl_otr.kernels.chunk_math as chunk_math
 
     draws = []
     original = chunk_math.sample_tokens
@@ -49,7 +35,7 @@ def recorded_draws(monkeypatch) -> list:
 def tiny_dir(tmp_path_factory) -> Path:
     """The tiny model, tokenizer and data, built once per test session."""
     out = tmp_path_factory.mktemp("tiny")
-    _load_example("build_tiny").build(out, seed=0)
+    load_example("build_tiny").build(out, seed=0)
     return out
 
 
@@ -67,30 +53,3 @@ def tiny_config(tiny_dir, tmp_path):
         return {k: v for k, v in cfg.items() if v is not None}
 
     return make
-
-
-def write_config(cfg: dict, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
-
-
-def run_axolotl_train(config: Path, timeout: int = 600) -> tuple[str, list[dict]]:
-    """Run `axolotl train` as a user would; return its output and the parsed log dicts."""
-    return run_axolotl(["train", str(config)], timeout)
-
-
-def run_axolotl(args: list[str], timeout: int = 600) -> tuple[str, list[dict]]:
-    """Run the `axolotl` command line with ``args``; return its output and log dicts."""
-    venv_bin = str(Path(sys.executable).parent)
-    env = {**os.environ, **OFFLINE_ENV, "PATH": venv_bin + os.pathsep + os.environ["PATH"]}
-    proc = subprocess.run(
-        [os.path.join(venv_bin, "axolotl"), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-6000:]
-    return output, parse_logs(output)
