@@ -99,7 +99,7 @@ def test_chunked_hidden_path_under_bf16_autocast(estimator):
         torch.testing.assert_close(a, b, rtol=3e-2, atol=1e-5)
 
 
-def test_bf16_training_steps_through_the_trainer_hook(tiny_dir, tmp_path):
+def test_bf16_training_steps_through_the_trainer_mixin(tiny_dir, tmp_path):
     torch.cuda.reset_peak_memory_stats()
     trainer, _, logs = build_trainer(
         tiny_dir / "model", tmp_path, make_examples(16, VOCAB), micro_batch=4, accumulation=2,
