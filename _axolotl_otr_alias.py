@@ -1,4 +1,5 @@
-"""Lets Axolotl accept ``plugins: [axolotl_otr]``, and refuse ``otr: true`` without it.
+"""The short-name alias: Axolotl accepts ``plugins: [axolotl_otr]``, and refuses ``otr: true``
+without it.
 
 Axolotl's ``load_plugin`` splits a plugin name on its last dot, so a bare module name
 fails with an unpacking error before any plugin code can run. The ``.pth`` file shipped
@@ -17,9 +18,9 @@ raises a clear error instead.
 Robustness: the wrapping loader only adds a step after the original loader's
 ``exec_module`` and delegates everything else to it. When a patch cannot be applied (a
 future Axolotl renames what it wraps), one warning says so, naming the Axolotl version,
-and Axolotl runs unpatched. ``AXOLOTL_OTR_DISABLE_HOOK=1`` turns the hook off entirely
+and Axolotl runs unpatched. ``AXOLOTL_OTR_DISABLE_HOOK=1`` turns the alias off entirely
 (then write the full name ``axolotl_otr.OTRPlugin``). Standard library only; installing
-the hook never raises: a failure here must not break Python start-up.
+the alias never raises: a failure here must not break Python start-up.
 """
 
 from __future__ import annotations

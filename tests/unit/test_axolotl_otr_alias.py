@@ -1,4 +1,4 @@
-"""The start-up hook behind ``plugins: [axolotl_otr]`` (``_axolotl_otr_alias.py``)."""
+"""The short-name alias behind ``plugins: [axolotl_otr]`` (``_axolotl_otr_alias.py``)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_the_wrapping_loader_delegates_everything_but_exec_module(tmp_path, monk
     assert module.PluginManager().register("other.Plugin") == "other.Plugin"
 
 
-def _hook_state(env: dict[str, str]) -> str:
+def _alias_state(env: dict[str, str]) -> str:
     code = (
         "import sys, _axolotl_otr_alias as a; "
         "print(any(isinstance(f, a._Finder) for f in sys.meta_path))"
@@ -55,6 +55,6 @@ def _hook_state(env: dict[str, str]) -> str:
     return out.stdout.strip()
 
 
-def test_an_environment_variable_turns_the_hook_off():
-    assert _hook_state({alias.DISABLE_ENV: ""}) == "True"
-    assert _hook_state({alias.DISABLE_ENV: "1"}) == "False"
+def test_an_environment_variable_turns_the_alias_off():
+    assert _alias_state({alias.DISABLE_ENV: ""}) == "True"
+    assert _alias_state({alias.DISABLE_ENV: "1"}) == "False"
