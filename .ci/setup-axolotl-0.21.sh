@@ -2,7 +2,7 @@
 # Second test environment: Axolotl 0.21.0 on Python 3.11, CPU.
 #
 #   .ci/setup-axolotl-0.21.sh VENV_DIR      (e.g. .venv-ax021; idempotent)
-#   VENV_DIR/bin/python -m pytest -q tests/test_config.py tests/test_axolotl_train.py
+#   VENV_DIR/bin/python -m pytest -q tests/unit/test_args.py tests/e2e/test_axolotl_train.py
 #
 # Axolotl 0.21.0 declares Requires-Python >= 3.12, and this project's CI runs 3.11, so
 # the wheel is installed with --no-deps --ignore-requires-python, after:

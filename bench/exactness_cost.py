@@ -12,7 +12,7 @@ Shapes: the tiny test twin (Llama, vocab 128, hidden 32) and the Gemma-3-1B outp
 layers (2 by default: the check's cost beyond the 8-token forward is the lm_head's,
 which does not depend on depth; each real layer adds one 8-token layer forward).
 
-    python bench/exactness_cost.py [--quick] [--device cuda] [--dtype bf16] [--layers 26]
+    python -m bench.exactness_cost [--quick] [--device cuda] [--dtype bf16] [--layers 26]
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from axolotl_otr.capture import find_decoder
-from axolotl_otr.exactness import verify_output_layer
-from axolotl_otr.output_layer import resolve_output_layer
+from axolotl_otr.model.capture import find_decoder
+from axolotl_otr.model.exactness import verify_output_layer
+from axolotl_otr.model.output_layer import resolve_output_layer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPES = {

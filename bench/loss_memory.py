@@ -6,9 +6,9 @@ states as under ``bf16: true``, at 2048 and 8192 positions, with the lm_head fro
 (LoRA) and trainable (``modules_to_save``, full fine-tune), it compares three losses:
 
 - ``otr_sampled`` (K=256) and ``sft_chunked`` (the ``sft`` objective) through
-  ``otr_loss_from_hidden``: the analytic peak (``axolotl_otr.chunk_budget``: the chunk's
-  [n, V] / [n, K] / [n, D] buffers times its rows, plus the call's [T, D] and [V, D]
-  buffers) next to the peak measured on CPU from the allocator's events
+  ``otr_loss_from_hidden``: the analytic peak (``axolotl_otr.kernels.chunk_budget``: the
+  chunk's [n, V] / [n, K] / [n, D] buffers times its rows, plus the call's [T, D] and
+  [V, D] buffers) next to the peak measured on CPU from the allocator's events
   (``bench/memory_probe.py``, kernel-internal copies included). To keep the 7B and 8192
   shapes affordable on a CPU, only the first ``--chunks`` chunks carry targets (the rest
   of the labels are -100): every chunk holds the same buffers and the call's buffers are
@@ -31,28 +31,22 @@ backward, the returned gradients included. ``--json`` writes them all. The last 
 shape (2048 positions, hidden 896). ``--device cuda`` measures every chunk on the GPU
 (``torch.cuda.max_memory_allocated``), full-logit SFT included.
 
-    python bench/loss_memory.py --json bench/results/loss_memory.json
-    python bench/loss_memory.py --quick      # small shapes, a smoke test
+    python -m bench.loss_memory --json bench/results/loss_memory.json
+    python -m bench.loss_memory --quick      # small shapes, a smoke test
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from memory_probe import peak_bytes  # noqa: E402
-
-from axolotl_otr import otr_loss_from_hidden  # noqa: E402
-from axolotl_otr.objective import Objective  # noqa: E402
+from axolotl_otr import otr_loss_from_hidden
+from axolotl_otr.objective import Objective
+from bench.memory_probe import peak_bytes
 
 # lm_head shapes: name -> (vocab, hidden)
 SHAPES = {
@@ -69,8 +63,8 @@ def ledger(tokens: int, hidden: int, vocab: int, objective: Objective, trainable
     """(rows per chunk, [(buffer, bytes)], total bytes) of the chunked loss, or None where
     this checkout has no ledger (the code before issue 15)."""
     try:
-        from axolotl_otr.chunk_budget import call_buffers, default_budget, row_buffers
-        from axolotl_otr.fused import default_chunk_size
+        from axolotl_otr.kernels.chunk_budget import call_buffers, default_budget, row_buffers
+        from axolotl_otr.kernels.fused import default_chunk_size
     except ImportError:
         return None
     rows = default_chunk_size(
@@ -94,7 +88,7 @@ def ledger(tokens: int, hidden: int, vocab: int, objective: Objective, trainable
 
 def chunk_size_used(tokens: int, hidden: int, vocab: int, objective: Objective) -> int:
     """The CPU default this checkout uses (before issue 15: one fp32 [n, V] per budget)."""
-    from axolotl_otr import fused
+    from axolotl_otr.kernels import fused
 
     try:
         return fused.default_chunk_size(

@@ -14,9 +14,9 @@ figures are medians (on CUDA also the peak memory above the inputs).
 The last line is ``key=value`` pairs for the first shape: ``otr_sampled_vs_ce=<ratio>
 otr_exact_vs_ce=<ratio> dft_vs_ce=<ratio>`` (and ``*_vs_liger`` with Liger).
 
-    python bench/loss_speed.py              # 2048 x 32000, then 2048 x 151936
-    python bench/loss_speed.py --quick      # tiny shapes, a smoke test in seconds
-    python bench/loss_speed.py --device cuda --hidden 896 1536 --vocab 151936 --compile
+    python -m bench.loss_speed              # 2048 x 32000, then 2048 x 151936
+    python -m bench.loss_speed --quick      # tiny shapes, a smoke test in seconds
+    python -m bench.loss_speed --device cuda --hidden 896 1536 --vocab 151936 --compile
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import statistics
 import sys
 import time
@@ -33,9 +32,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from axolotl_otr.loss import otr_loss, otr_loss_from_hidden  # noqa: E402
+from axolotl_otr.loss import otr_loss, otr_loss_from_hidden
 
 Loss = Callable[[torch.Tensor], torch.Tensor]
 

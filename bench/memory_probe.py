@@ -4,7 +4,7 @@ CPU: from the allocator's own events (``torch.profiler`` with ``profile_memory=T
 replayed in time order, so copies a kernel makes internally (``torch.multinomial``'s, a
 dtype cast inside autograd) count as well as the tensors Python sees. CUDA:
 ``torch.cuda.max_memory_allocated`` above the bytes allocated at the start. Used by
-``bench/loss_memory.py`` and the memory tests (``tests/test_memory.py``).
+``bench/loss_memory.py`` and the memory tests (``tests/unit/test_weight_grad.py``).
 """
 
 from __future__ import annotations

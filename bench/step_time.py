@@ -30,9 +30,9 @@ sequence 2048, all variants, frozen head. The last line is
 ``step_time_ratio=<otr_sampled/sft> peak_mem_ratio=<otr_sampled/sft>`` for the first
 shape and head, plus ``*_vs_liger`` ratios when Liger ran.
 
-    python bench/step_time.py                 # CPU, several minutes
-    python bench/step_time.py --device cuda --json bench/results/gpu/step_time.json
-    python bench/step_time.py --quick         # tiny shapes, a CI smoke test
+    python -m bench.step_time                 # CPU, several minutes
+    python -m bench.step_time --device cuda --json bench/results/gpu/step_time.json
+    python -m bench.step_time --quick         # tiny shapes, a CI smoke test
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Memory children run this module again (``python -m bench.step_time``) from here.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ALL_VARIANTS = (
@@ -200,8 +201,8 @@ def trainer_for(
     """A ``Trainer`` of ``steps`` optimizer steps over ``model`` for one variant."""
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
+    from axolotl_otr import OTRSettings, install_otr
     from axolotl_otr.objective import Objective
-    from axolotl_otr.trainer_hook import OTRSettings, install_otr
 
     args = TrainingArguments(
         output_dir=out,
@@ -275,10 +276,10 @@ def run_shape(shape: Shape, args, dtype: torch.dtype, variants: list[str], head:
 
 def child_peak_rss(shape: Shape, variant: str, head: str, dtype: str, steps: int) -> int:
     """Peak RSS in bytes of a fresh process running ``steps`` steps of one variant."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--dtype", dtype]
+    cmd = [sys.executable, "-m", "bench.step_time", "--child", variant, "--dtype", dtype]
     cmd += ["--child-shape", json.dumps(asdict(shape)), "--child-steps", str(steps)]
     cmd += ["--child-head", head]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"memory child for {variant} failed:\n{done.stderr[-3000:]}")
     return int(done.stdout.strip().splitlines()[-1])

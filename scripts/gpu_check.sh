@@ -63,21 +63,21 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep going on f
     timeout "$limit" "$@" || { echo "!! $name failed or timed out (exit $?)"; status=1; }
 }
 
-step "pytest -m gpu" 140 "$PY" -m pytest -q -rs -m gpu tests/test_gpu.py \
+step "pytest -m gpu" 140 "$PY" -m pytest -q -rs -m gpu tests/gpu/test_gpu.py \
     --junitxml "$RESULTS/pytest.xml"
 step "the loss alone: CE, Liger FLCE, OTR (eager and compiled)" 140 \
-    "$PY" bench/loss_speed.py "${LOSS_ARGS[@]}" --json "$RESULTS/loss_speed.json"
+    "$PY" -m bench.loss_speed "${LOSS_ARGS[@]}" --json "$RESULTS/loss_speed.json"
 step "LoRA training steps through trainer.train(), Qwen2.5-0.5B and 1.5B shapes, bf16, seq 2048, frozen and trainable lm_head" 210 \
-    "$PY" bench/step_time.py "${STEP_ARGS[@]}" --json "$RESULTS/step_time.json"
+    "$PY" -m bench.step_time "${STEP_ARGS[@]}" --json "$RESULTS/step_time.json"
 step "the loss's memory ledger, Qwen2.5-0.5B and 7B and Gemma-3-1B lm_head shapes, 2048 and 8192 positions" 80 \
-    "$PY" bench/loss_memory.py "${MEMORY_ARGS[@]}" --json "$RESULTS/loss_memory.json"
+    "$PY" -m bench.loss_memory "${MEMORY_ARGS[@]}" --json "$RESULTS/loss_memory.json"
 
 if [[ $DEVICE == cuda ]] && "$PY" -c "import axolotl, bitsandbytes, flash_attn" 2>/dev/null; then
     echo "== axolotl train: QLoRA + flash-attention + sample packing + OTR on the tiny model"
-    "$PY" examples/tiny/build_tiny.py --out .cache/tiny
+    "$PY" -m examples.tiny.build_tiny --out .cache/tiny
     mkdir -p outputs
     axolotl train scripts/gpu_check_qlora_flash.yml 2>&1 | tee outputs/gpu-check.log
-    "$PY" examples/tiny/summarize_run.py outputs/gpu-check.log
+    "$PY" -m examples.tiny.summarize_run outputs/gpu-check.log
     grep -oE "'(train_runtime|train_steps_per_second|memory/max_allocated \(GiB\))': '[^']*'" \
         outputs/gpu-check.log | tail -3
     gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
@@ -86,7 +86,7 @@ if [[ $DEVICE == cuda ]] && "$PY" -c "import axolotl, bitsandbytes, flash_attn" 
         # Extra arguments after `--` go to the launcher.
         axolotl train scripts/gpu_check_qlora_flash.yml --launcher torchrun \
             -- --nproc_per_node "$gpus" 2>&1 | tee outputs/gpu-check-ddp.log
-        "$PY" examples/tiny/summarize_run.py outputs/gpu-check-ddp.log
+        "$PY" -m examples.tiny.summarize_run outputs/gpu-check-ddp.log
     else
         echo "== skipped the multi-GPU axolotl train run: one GPU visible"
     fi

@@ -104,7 +104,7 @@ def pytest_lines(path: Path) -> list[str]:
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     counts = {k: suite.get(k, "0") for k in ("tests", "failures", "errors", "skipped")}
     lines = [
-        f"`pytest -m gpu tests/test_gpu.py`: {counts['tests']} tests, {counts['failures']} "
+        f"`pytest -m gpu tests/gpu/test_gpu.py`: {counts['tests']} tests, {counts['failures']} "
         f"failed, {counts['errors']} errors, {counts['skipped']} skipped.",
         "",
     ]

@@ -3,9 +3,9 @@ scored on held-out problems before and after.
 
 Usage (from the repository root; `make demo` and `make demo-sft` run these)::
 
-    python examples/smollm2/demo.py                 # OTR (the smollm2-135m-otr-lora.yml config)
-    python examples/smollm2/demo.py --sft           # the same config with otr: false
-    python examples/smollm2/demo.py --prepare-only  # model folder and data files only
+    python -m examples.smollm2.demo                 # OTR (the smollm2-135m-otr-lora.yml config)
+    python -m examples.smollm2.demo --sft           # the same config with otr: false
+    python -m examples.smollm2.demo --prepare-only  # model folder and data files only
 
 Steps: convert the GGUF once (``smollm2_model.ensure_model``), write the train and
 held-out files from fixed seeds (``tasks``), score the base model, run ``axolotl train``
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -29,11 +28,10 @@ from pathlib import Path
 
 import yaml
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-sys.path.insert(0, str(HERE))
-import smollm2_tasks as tasks  # noqa: E402
-from smollm2_model import SetupError, ensure_model  # noqa: E402
+from examples.smollm2 import smollm2_tasks as tasks
+from examples.smollm2.smollm2_model import SetupError, ensure_model
+
+ROOT = Path(__file__).resolve().parents[2]
 
 CONFIG = ROOT / "examples" / "configs" / "smollm2-135m-otr-lora.yml"
 DATA_DIR = Path(".cache") / "smollm2-demo" / "data"
@@ -44,12 +42,9 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "AXOLOTL_DO_NO
 
 def _summarize_run():
     """examples/tiny/summarize_run.py: the log parser and plot the tiny demo uses too."""
-    spec = importlib.util.spec_from_file_location(
-        "summarize_run", ROOT / "examples" / "tiny" / "summarize_run.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from examples.tiny import summarize_run
+
+    return summarize_run
 
 
 def read_config(path: Path) -> dict:
@@ -101,7 +96,7 @@ def prepare(cfg: dict, data_dir: Path, sizes: dict[str, int], log) -> dict[str, 
 
 def fingerprint(model_dir: Path, sets: dict[str, list[dict]]) -> str:
     """Names what the scores depend on (model weights' config, held-out items, scorer)."""
-    import smollm2_eval as evaluate
+    from examples.smollm2 import smollm2_eval as evaluate
 
     digest = hashlib.sha256((model_dir / "config.json").read_bytes())
     digest.update((model_dir / "model.safetensors").read_bytes()[: 1 << 20])
@@ -115,7 +110,7 @@ def start_base_scoring(model_dir: Path, sets: dict, data_dir: Path, threads: int
     """Start scoring the base model in the background (it runs next to `axolotl train`);
     return (the function that waits for its scores, the function that cancels it).
     Cached in the data folder under the scores' fingerprint."""
-    import smollm2_eval as evaluate
+    from examples.smollm2 import smollm2_eval as evaluate
 
     key = fingerprint(model_dir, sets)
     cache = data_dir / "base_scores.json"
@@ -284,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
     if args.prepare_only:
         log(f"ready: axolotl train {args.config}")
         return 0
-    import smollm2_eval as evaluate
+    from examples.smollm2 import smollm2_eval as evaluate
 
     # Two cores' worth of work at every moment, one OpenMP pool per core-share: the base
     # model is scored while `axolotl train` runs (see evaluate.Scoring).

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python examples/smollm2/smollm2_eval.py --model .cache/smollm2-135m-instruct-v2 \
+    python -m examples.smollm2.smollm2_eval --model .cache/smollm2-135m-instruct-v2 \
         --data .cache/smollm2-demo/data/in_domain.jsonl [--adapter outputs/smollm2-135m-otr-lora]
 
 Replies are generated greedily through the model's own chat template, many questions
@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import smollm2_tasks as tasks  # noqa: E402
-from smollm2_model import SetupError  # noqa: E402
+from examples.smollm2 import smollm2_tasks as tasks
+from examples.smollm2.smollm2_model import SetupError
 
 MAX_NEW_TOKENS = 14  # "48 + 49 = 97<|im_end|>" is 11 tokens; a first line is all we score
 

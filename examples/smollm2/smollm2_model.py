@@ -2,8 +2,8 @@
 once to a plain Hugging Face folder under .cache/, with the chat model's special tokens.
 
 One implementation for ``make demo`` (``examples/smollm2/demo.py``) and the scale-2
-benchmark (``bench/generalization/scale2.py``), so both train and score the same weights
-and the benchmark's cached results stay valid.
+study (``experiments/otr_vs_sft/scale2.py``), so both train and score the same weights
+and the study's cached results stay valid.
 """
 
 from __future__ import annotations

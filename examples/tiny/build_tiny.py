@@ -11,7 +11,7 @@ Running the script writes::
 
 Usage::
 
-    python examples/tiny/build_tiny.py --out .cache/tiny [--seed 0] [--force]
+    python -m examples.tiny.build_tiny --out .cache/tiny [--seed 0] [--force]
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python examples/tiny/evaluate.py --model .cache/tiny/model \
+    python -m examples.tiny.evaluate --model .cache/tiny/model \
         --data .cache/tiny/data/heldout.jsonl [--adapter outputs/tiny-cpu-lora]
 
 An answer counts as correct when the greedy continuation of the alpaca prompt (the

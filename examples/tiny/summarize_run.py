@@ -1,6 +1,6 @@
 """Print the OTR metrics of an `axolotl train` run from its captured console output.
 
-Usage: ``python examples/tiny/summarize_run.py LOGFILE [--plot PNG]``. Reads the log
+Usage: ``python -m examples.tiny.summarize_run LOGFILE [--plot PNG]``. Reads the log
 dicts the Trainer prints (``{'loss': ..., 'otr/ce': ...}``) and shows the first and last
 steps, so a user sees at a glance that the run learns even though OTR loss values are
 small. With ``--plot`` it also draws the OTR metrics over the steps (needs matplotlib).

@@ -1,7 +1,7 @@
-"""Shared pieces of the generalization benchmark: methods, the HF Trainer run, stats.
+"""Shared pieces of the OTR-vs-SFT study: methods, the HF Trainer run, stats.
 
 Every fine-tuning run goes through a plain ``transformers.Trainer`` with the loss put in
-place by ``axolotl_otr.trainer_hook.install_otr``, the same hook the Axolotl plugin uses,
+place by ``axolotl_otr.install_otr``, the same hook the Axolotl plugin uses,
 so SFT, DFT and OTR differ only in the objective the hook computes.
 """
 
@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from axolotl_otr import OTRSettings, install_otr
 from axolotl_otr.objective import Objective
-from axolotl_otr.trainer_hook import OTRSettings, install_otr
 
 
 @dataclass(frozen=True)

@@ -2,23 +2,23 @@
 
 ``run.py --scale 2 --task T`` writes ``real_model_T.json`` only once every method has its
 best-LR runs on every seed, which takes more than one session on this CPU. This reads the
-task's run cache (``bench/results/runs/real_model_T``) and reports, without training
-anything: the base model, the sweep (validation accuracy and cross-entropy per method and
-LR), each method's best-LR runs on the seeds done so far (in-domain, OOD, retention
+task's run cache (``results/runs/real_model_T`` beside this file) and reports, without
+training anything: the base model, the sweep (validation accuracy and cross-entropy per
+method and LR), each method's best-LR runs on the seeds done so far (in-domain, OOD, retention
 strict and lenient, the family mean), and each method minus SFT with its paired-bootstrap
 95% interval on the seeds both have (``stats.py``). A method's LR is the one its full
 evaluations were run at (the runner chose it from the complete sweep).
 
 ``--forgetting`` reads the task's forgetting runs instead (``run.py --scale 2
---forgetting``, cached in ``bench/results/runs/real_model_T_forgetting``: trained to 3x
+--forgetting``, cached in ``results/runs/real_model_T_forgetting``: trained to 3x
 the usual steps, read at every multiple of them): per method and read step, the seeds
 done and their figures, and method minus SFT. Each report keeps to runs of its own
 length, whichever folder holds them.
 
-    python bench/generalization/scale2_progress.py --task add1d
-    # -> bench/results/real_model_add1d_progress.json and .md
-    python bench/generalization/scale2_progress.py --task add2d --forgetting
-    # -> bench/results/real_model_add2d_forgetting_progress.json and .md
+    python -m experiments.otr_vs_sft.scale2_progress --task add1d
+    # -> experiments/otr_vs_sft/results/real_model_add1d_progress.json and .md
+    python -m experiments.otr_vs_sft.scale2_progress --task add2d --forgetting
+    # -> experiments/otr_vs_sft/results/real_model_add2d_forgetting_progress.json and .md
 """
 
 from __future__ import annotations
@@ -29,11 +29,8 @@ import json
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-
-import stats  # noqa: E402
+from experiments.otr_vs_sft import stats
+from experiments.otr_vs_sft.paths import RESULTS
 
 METRICS = ("in_domain", "ood", "retention", "retention_lenient", "retention_family_mean")
 COMPARED = ("in_domain", "ood", "retention", "retention_lenient")
@@ -222,7 +219,7 @@ def markdown(task: str, rep: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", default="add1d")
-    ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--results", default=RESULTS)
     ap.add_argument("--forgetting", action="store_true", help="the forgetting runs instead")
     args = ap.parse_args(argv)
     name = f"real_model_{args.task}" + ("_forgetting" if args.forgetting else "")

@@ -17,6 +17,8 @@ import sys
 
 import numpy as np
 
+from experiments.otr_vs_sft.paths import RESULTS
+
 COLORS = {
     "sft": "tab:blue",
     "dft": "tab:orange",
@@ -164,4 +166,4 @@ def plot_all(out: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    print(plot_all(sys.argv[1] if len(sys.argv) > 1 else "bench/results"))
+    print(plot_all(sys.argv[1] if len(sys.argv) > 1 else RESULTS))

@@ -1,7 +1,7 @@
 """The scale-2 retention probe: skills the fine-tune does not train, generated offline.
 
-``python bench/generalization/probe.py`` writes the candidate pool
-(``bench/generalization/data/retention_pool.jsonl``, deterministic: fixed seeds and the
+``python -m experiments.otr_vs_sft.probe`` writes the candidate pool
+(``experiments/otr_vs_sft/data/retention_pool.jsonl``, deterministic: fixed seeds and the
 word lists below, no network); ``scale2.screen_probe`` asks the base model every item
 once and keeps those it answers right strictly (the screen is cached by the pool's hash).
 Forty-odd kept items cannot see a 5-point change (one item is 2.4 points); four hundred

@@ -1,8 +1,8 @@
-"""Derive the map the plugin reads at run time (``bench/results/otr_map.json``) from the
-committed results, and ship a copy inside the package (``axolotl_otr/otr_map.json``).
+"""Derive the map the plugin reads at run time (``results/otr_map.json`` beside this file)
+from the committed results, and ship a copy inside the package (``axolotl_otr/otr_map.json``).
 
-python bench/generalization/otr_map.py          # write both files
-python bench/generalization/otr_map.py --check  # exit 1 if either differs from the results
+python -m experiments.otr_vs_sft.otr_map          # write both files
+python -m experiments.otr_vs_sft.otr_map --check  # exit 1 if either differs from the results
 
 A level of the map is a base model on its fine-tuning data that the benchmark measured:
 scale 1's prior levels (``continuum.json``, ``levels[i].token_measures``) and scale 2's
@@ -28,17 +28,13 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-sys.path.insert(0, ROOT)
+from experiments.otr_vs_sft.paths import PACKAGE, RESULTS, RESULTS_REL, ROOT
 
 try:  # the paired bootstrap (issue 16, step 6): the one source of intervals
-    from stats import versus_sft  # noqa: E402
+    from experiments.otr_vs_sft.stats import versus_sft
 except ImportError:
     versus_sft = None
 
-RESULTS = os.path.join(ROOT, "bench", "results")
 # real_model*.json files that are no level of the map: a task's partial progress report
 # (scale2_progress.py) and its forgetting runs (no best-LR comparison at the usual steps)
 NOT_LEVELS = ("_progress", "_forgetting")
@@ -137,7 +133,7 @@ def level_sources(
         if not os.path.exists(path):
             continue
         payload = json.load(open(path))
-        source = f"bench/results/{stem}.json"
+        source = f"{RESULTS_REL}/{stem}.json"
         for lv in payload.get("levels", []):
             sha = lv.get("weights_sha1")
             if lv.get("complete") is False or (sha is not None and sha in seen):
@@ -154,7 +150,7 @@ def level_sources(
         if stem.endswith(NOT_LEVELS):
             continue
         payload = json.load(open(path))
-        source = f"bench/results/{stem}.json"
+        source = f"{RESULTS_REL}/{stem}.json"
         base = payload.get("base_model", {})
         name = f"scale 2 {stem} (base in-domain {base.get(METRIC, NAN):.2f})"
         measures = _measures(payload.get("token_measures", base.get("token_measures")))
@@ -171,16 +167,16 @@ def derive(results: str = RESULTS) -> dict[str, Any]:
         levels.append(_level(name, source, measures, base, runs))
         scopes.append("continuum" if "continuum" in source else "real_model")
     interval = (
-        "95% paired bootstrap over seeds and test items (bench/generalization/stats.py), "
+        "95% paired bootstrap over seeds and test items (experiments/otr_vs_sft/stats.py), "
         "where the runs carry per-item results"
         if versus_sft is not None
-        else "none (bench/generalization/stats.py is not present)"
+        else "none (experiments/otr_vs_sft/stats.py is not present)"
     )
     out: dict[str, Any] = {
         "about": "Measured levels of the OTR-vs-SFT map, indexed by the base model's token "
         "measures on its fine-tuning data. Generated; do not edit.",
-        "generated_by": "bench/generalization/otr_map.py",
-        "source": f"bench/results/{MAP_NAME}",
+        "generated_by": "experiments/otr_vs_sft/otr_map.py",
+        "source": f"{RESULTS_REL}/{MAP_NAME}",
         "metric": f"{METRIC} accuracy, method - SFT, each at its selected LR ({SETTING})",
         "interval": interval,
         "methods": READ_METHODS,
@@ -206,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         stale = [t for t in targets if not os.path.exists(t) or open(t).read() != text]
         for t in stale:
-            print(f"{t} differs from what {args.results} gives: run {__file__}")
+            print(f"{t} differs from what {args.results} gives: run python -m {PACKAGE}.otr_map")
         return 1 if stale else 0
     for t in targets:
         with open(t, "w") as f:

@@ -2,14 +2,14 @@
 
 The full scale-1 run (``run.py --scale 1``) writes ``continuum.json`` only once every
 level is done, which takes more than one session. This reads the run cache
-(``bench/results/runs/continuum``) and the level models (the work folder's cached prior
-levels), and reports each level whose six methods have their best-LR runs on every seed:
-the base model's accuracies and token measures, the selected LRs, and each method minus
+(``results/runs/continuum`` beside this file) and the level models (the work folder's
+cached prior levels), and reports each level whose six methods have their best-LR runs on
+every seed: the base model's accuracies and token measures, the selected LRs, and each method minus
 SFT with its paired-bootstrap 95% interval over seeds and test items (``stats.py``).
 Nothing is trained; runs of another base model (another ``weights_sha1``) are ignored.
 
-    python bench/generalization/continuum_progress.py
-    # -> bench/results/continuum_progress.json and .md
+    python -m experiments.otr_vs_sft.continuum_progress
+    # -> experiments/otr_vs_sft/results/continuum_progress.json and .md
 """
 
 from __future__ import annotations
@@ -20,12 +20,9 @@ import json
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
+from experiments.otr_vs_sft.paths import RESULTS
 
 METRICS = ("in_domain", "ood", "retention")
 
@@ -68,18 +65,17 @@ def complete_level(runs: list[dict], methods: list[str], seeds: list[int]) -> li
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    from run import WORKDIR
+    from experiments.otr_vs_sft.run import WORKDIR
 
     ap.add_argument("--workdir", default=WORKDIR)
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
-    ap.add_argument("--cache", default=os.path.join(ROOT, "bench", "results", "runs", "continuum"))
+    ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--cache", default=os.path.join(RESULTS, "runs", "continuum"))
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
-    import continuum
-    import stats
-    from common import METHODS
-    from scale1 import example, gen_chain, make_model, unique_set
+    from experiments.otr_vs_sft import continuum, stats
+    from experiments.otr_vs_sft.common import METHODS
+    from experiments.otr_vs_sft.scale1 import example, gen_chain, make_model, unique_set
 
     cfg = continuum.FULL
     sets = continuum.eval_sets(cfg)

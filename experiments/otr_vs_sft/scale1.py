@@ -24,7 +24,8 @@ import time
 from typing import Any
 
 import torch
-from common import left_pad, make_collate
+
+from experiments.otr_vs_sft.common import left_pad, make_collate
 
 CHARS = "0123456789+=,RC"
 PAD, BOS, EOS = 0, 1, 2

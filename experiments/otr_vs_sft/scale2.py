@@ -27,11 +27,11 @@ import re
 import time
 from collections.abc import Callable
 
-import probe
-import scoring
-import tasks
 import torch
-from common import (
+
+from examples.smollm2.smollm2_model import MODEL_DIR, ensure_model  # shared with `make demo`
+from experiments.otr_vs_sft import probe, scoring, tasks
+from experiments.otr_vs_sft.common import (
     METHOD_BY_NAME,
     RunCache,
     at_wall_time,
@@ -42,7 +42,8 @@ from common import (
     train,
     write_json,
 )
-from common import token_measures as common_token_measures
+from experiments.otr_vs_sft.common import token_measures as common_token_measures
+from experiments.otr_vs_sft.paths import RESULTS
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bumped whenever a change alters what a run measures (scoring, evaluation, data): part
@@ -101,19 +102,6 @@ FACTS = [
 
 
 # ---- model & data -------------------------------------------------------------------
-# The converter, shared with `make demo` (examples/smollm2/smollm2_model.py).
-import sys  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "examples", "smollm2"))
-from smollm2_model import (  # noqa: E402, F401  (names this module has always offered)
-    EOS,
-    MODEL_DIR,
-    PAD,
-    _gguf_folder,
-    ensure_model,
-    fix_special_tokens,
-)
 
 
 def arith_pool(n: int, seed: int) -> list[tuple[str, str]]:
@@ -336,7 +324,6 @@ TASK_METHODS = {
 }
 SCALE2_METHODS = TASK_METHODS["add2d"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RESULTS = os.path.join(ROOT, "bench", "results")
 # The LRs selected for add2d in issue 11 (64 validation items, the earlier scorer): its
 # best-LR runs retrained at these LRs to read them on the new probe (run.py --preset-lr),
 # without a new sweep, which would cost another ~20 runs.
@@ -413,7 +400,7 @@ def run_identity(spec: tasks.Task, cfg: dict, retention: dict) -> dict:
 
 def retention_set(base, tok, quick: bool, log) -> tuple[list[dict], dict]:
     """The probe items the base model answers right strictly (screened once, cached in
-    bench/results/retention_screen.json), and what defines that set (for cache keys)."""
+    ``results/retention_screen.json``), and what defines that set (for cache keys)."""
     pool = probe.load_pool()
     if quick:  # the smallest form: the first item of every family, not cached
         firsts: dict[str, dict] = {}

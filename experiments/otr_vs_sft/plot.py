@@ -1,4 +1,4 @@
-"""bench/results/continuum.png: each method minus SFT against the base model's prior.
+"""results/continuum.png: each method minus SFT against the base model's prior.
 
 x: the base model's in-domain accuracy before fine-tuning (one point per prior level of
 scale 1; scale 2, the real model, as hollow markers, one per task). y: method minus SFT on the same
@@ -13,7 +13,9 @@ import os
 import sys
 
 import numpy as np
-from common import METRICS, paired_differences
+
+from experiments.otr_vs_sft.common import METRICS, paired_differences
+from experiments.otr_vs_sft.paths import RESULTS
 
 COLORS = {
     "dft": "tab:orange",
@@ -95,4 +97,4 @@ def plot(out: str) -> str:
 
 
 if __name__ == "__main__":
-    print(plot(sys.argv[1] if len(sys.argv) > 1 else "bench/results"))
+    print(plot(sys.argv[1] if len(sys.argv) > 1 else RESULTS))

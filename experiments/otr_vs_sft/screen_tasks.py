@@ -1,12 +1,12 @@
 """Measure scale-2 candidate tasks and the retention probe on the base model, before any
 fine-tuning (issue 16).
 
-python bench/generalization/screen_tasks.py   # ~10 min on one thread
+python -m experiments.otr_vs_sft.screen_tasks   # ~10 min on one thread
 
-Writes bench/results/scale2_task_screen.json: for every ``tasks.CANDIDATES`` entry its
+Writes results/scale2_task_screen.json: for every ``tasks.CANDIDATES`` entry its
 number of distinct problems and the base model's strict and lenient accuracy on up to
 200 of them (greedy, the trained reply format's prompt), with sample replies; and the
-retention probe screen (bench/results/retention_screen.json, via ``scale2``), with the
+retention probe screen (results/retention_screen.json, via ``scale2``), with the
 earlier retention set re-read by the fixed scorer.
 """
 
@@ -14,17 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections import Counter
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import common  # noqa: E402
-import scale2  # noqa: E402
-import tasks  # noqa: E402
+from experiments.otr_vs_sft import common, scale2, tasks  # noqa: E402
 
 N = 200
 

@@ -1,9 +1,11 @@
 """One command for the whole generalization benchmark (see README.md beside this file).
 
-python bench/generalization/run.py            # scale 1 + scale 2, full (~4.5 h on 1 CPU thread:
-                                              # scale 1 80 min, scale 2 ~190 min; see README.md)
-python bench/generalization/run.py --quick    # CI smoke test: scale 1 pipeline, < 60 s
-python bench/generalization/run.py --scale 1  # one scale only
+From the repository root:
+
+python -m experiments.otr_vs_sft.run            # scale 1 + scale 2, full (~4.5 h on 1 CPU
+                                                # thread: scale 1 80 min, scale 2 ~190 min)
+python -m experiments.otr_vs_sft.run --quick    # CI smoke test: scale 1 pipeline, < 60 s
+python -m experiments.otr_vs_sft.run --scale 1  # one scale only
 """
 
 from __future__ import annotations
@@ -15,17 +17,14 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-sys.path.insert(0, ROOT)
+# Before anything imports transformers: every model and data set is local.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import common  # noqa: E402
-import stats  # noqa: E402
+from experiments.otr_vs_sft import common, stats  # noqa: E402
+from experiments.otr_vs_sft.paths import RESULTS, RESULTS_REL  # noqa: E402
 
 BOOTSTRAP_METRICS = (
     "in_domain",
@@ -102,14 +101,14 @@ def _tables(out: str, name: str, payload: dict) -> None:
         text += [
             f"## method - SFT, 95% paired bootstrap over seeds and items, setting {setting}",
             "",
-            "A win or a loss only where the interval excludes 0 (bench/generalization/stats.py).",
+            "A win or a loss only where the interval excludes 0 (experiments/otr_vs_sft/stats.py).",
             "",
             stats.bootstrap_table(
                 payload["runs"], metrics, setting, strata=strata.get("retention_family_mean")
             ),
             "",
         ]
-    import views
+    from experiments.otr_vs_sft import views
 
     tradeoff = views.tradeoff_table(payload)
     if tradeoff is not None:
@@ -138,7 +137,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--out",
         default=None,
-        help="results folder (default bench/results; --quick: a temporary folder)",
+        help=f"results folder (default {RESULTS_REL}; --quick: a temporary folder)",
     )
     ap.add_argument("--workdir", default=WORKDIR)
     ap.add_argument("--no-plot", action="store_true")
@@ -155,7 +154,7 @@ def main(argv=None) -> int:
         "--methods assembles them)",
     )
     ap.add_argument(
-        "--task", default="add2d", help="scale 2 only: the task (bench/generalization/tasks.py)"
+        "--task", default="add2d", help="scale 2 only: the task (experiments/otr_vs_sft/tasks.py)"
     )
     ap.add_argument(
         "--preset-lr",
@@ -184,7 +183,7 @@ def main(argv=None) -> int:
         or args.tradeoff
     )
     if scale2_only:  # checked before any work: a typo must not cost a scale-1 run
-        import scale2
+        from experiments.otr_vs_sft import scale2
 
         if scale != "2":
             ap.error(
@@ -203,11 +202,7 @@ def main(argv=None) -> int:
         if args.tradeoff and (args.forgetting or args.preset_lr):
             ap.error("--tradeoff reads the LR sweep, which --forgetting and --preset-lr skip")
     common.set_threads()
-    out = args.out or (
-        tempfile.mkdtemp(prefix="otr_gen_")
-        if args.quick
-        else os.path.join(ROOT, "bench", "results")
-    )
+    out = args.out or (tempfile.mkdtemp(prefix="otr_gen_") if args.quick else RESULTS)
     workdir = args.workdir + ("_quick" if args.quick else "")
     os.makedirs(workdir, exist_ok=True)
     t0 = time.perf_counter()
@@ -215,8 +210,7 @@ def main(argv=None) -> int:
     if args.report_only:
         import json
 
-        import plot
-        import views
+        from experiments.otr_vs_sft import plot, views
 
         for name in ("continuum", *views.scale2_results(out)):
             path = os.path.join(out, f"{name}.json")
@@ -228,13 +222,13 @@ def main(argv=None) -> int:
         return 0
     cache_dir = os.path.join(out, "runs")
     if scale in ("1", "all"):
-        import continuum
+        from experiments.otr_vs_sft import continuum
 
         payload = continuum.run(args.quick, workdir, log, os.path.join(cache_dir, "continuum"))
         written.append(_save(out, "continuum", payload))
         log("scale 1 summary (mean ± std over seeds):\n" + common.table(payload["summary"]))
     if scale in ("2", "all"):
-        import scale2
+        from experiments.otr_vs_sft import scale2
 
         mode = "forgetting" if args.forgetting else "main"
         name = scale2.results_name(args.task, mode)
@@ -255,11 +249,11 @@ def main(argv=None) -> int:
             return 0
         written.append(_save(out, name, payload))
         log("scale 2 summary:\n" + common.table(payload["summary"]))
-        import views
+        from experiments.otr_vs_sft import views
 
         written += views.plot_all(out)
     if not args.no_plot and not args.quick:
-        import plot
+        from experiments.otr_vs_sft import plot
 
         written.append(plot.plot(out))
     log(f"done in {time.perf_counter() - t0:.1f} s; wrote {written}")

@@ -32,9 +32,10 @@ import time
 from typing import Any
 
 import torch
-from common import METHODS, FineTunes, RunCache
-from common import token_measures as common_token_measures
-from scale1 import (
+
+from experiments.otr_vs_sft.common import METHODS, FineTunes, RunCache
+from experiments.otr_vs_sft.common import token_measures as common_token_measures
+from experiments.otr_vs_sft.scale1 import (
     BASE_TASKS,
     accuracy,
     collate,

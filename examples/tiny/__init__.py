@@ -1,0 +1,1 @@
+"""``make demo-tiny``: a tiny offline model, its demo data and its evaluation."""
