@@ -64,3 +64,30 @@ def auxiliary_loss(aux: torch.Tensor, *, steps: int, world: int) -> torch.Tensor
     replica (their mean is the model's), a per-micro-batch mean over the window, divided
     by the Trainer's factor so that after DDP's mean it is the mean of the processes'."""
     return aux.mean() / (steps * world)
+
+
+def count_across_processes(args: Any) -> str | None:
+    """Have the Trainer count the window's target tokens over every process; returns the
+    line to log when that changed the arguments (None when nothing changed).
+
+    ``otr_normalization: token`` promises the mean over the global batch's target tokens,
+    so that N processes take the gradient of one process with the same global batch.
+    The Trainer does that only with ``average_tokens_across_devices`` (its default):
+    it gathers ``num_items_in_batch`` once per window and multiplies the loss by the
+    process count, which DDP's, FSDP's and DeepSpeed's gradient mean divide out.
+    Axolotl 0.19 and 0.21 set it to False for every run (core/builders/base.py), and
+    each process would then take its own token mean. The switch is the Trainer's own
+    documented argument, read at every window (``get_batch_samples``, ``compute_loss``),
+    so turning it on when OTR attaches changes only how OTR's loss is normalized; the
+    ``sequence`` normalization's count follows the same switch (``get_batch_samples``).
+    One process alone (``world_size`` 1) and DataParallel in one process are left as
+    they are.
+    """
+    if args.average_tokens_across_devices or args.world_size <= 1 or args.n_gpu > 1:
+        return None
+    args.average_tokens_across_devices = True
+    return (
+        f"otr: average_tokens_across_devices set to true ({args.world_size} processes): "
+        "the loss is normalized by the target tokens (or sequences) of the global batch, "
+        "as one process with the same global batch would be"
+    )

@@ -48,7 +48,15 @@ from ..model.loss_path import choose_loss_path
 from ..model.output_layer import OutputLayer
 from ..model.router_loss import router_loss
 from ..objective import OTRSettings
-from ..scaling import auxiliary_loss, global_count, window_loss, world_factor
+from ..scaling import (
+    auxiliary_loss,
+    count_across_processes,
+    global_count,
+    window_loss,
+    world_factor,
+)
+from .perplexity import without_loss_perplexity
+from .run_guard import RunGuard
 from .sampler import OTRSamplerState, StepSampler
 from .training_choices import select_best_on_ce
 
@@ -101,6 +109,9 @@ class OTRTrainerMixin:
                     "average_tokens_across_devices: true, or launch one process per GPU "
                     "(torchrun / accelerate launch)."
                 )
+        counted = count_across_processes(self.args)  # Axolotl sets it false: scaling.py
+        if counted is not None:
+            LOG.info(counted)
         path = choose_loss_path(self, settings.fused)  # model/loss_path.py
         self.otr_output_layer, self._otr_decoder = path.layer, path.decoder
         if path.fused:
@@ -113,6 +124,7 @@ class OTRTrainerMixin:
         self._otr_first_window_read = False
         self.compute_loss_func = self._otr_loss_func
         self.add_callback(OTRSamplerState(settings.seed))
+        self.add_callback(RunGuard(self))  # no targets, NaN, collapse: run_guard.py
         # Not the OTR loss: training_choices.py.
         best = select_best_on_ce(self.args, named=self.otr_named_best_metric)
         if best is not None:  # a change of what the user's run keeps: say it loudly
@@ -265,6 +277,8 @@ class OTRTrainerMixin:
         first = training_log or "train_loss" in logs
         if self.otr_settings is not None and first and not self._otr_first_window_read:
             logs.update(self._otr_read_first_window())
+        if self.otr_settings is not None:  # no exp(OTR loss) as "ppl": perplexity.py
+            logs = without_loss_perplexity(self, logs)
         return super().log(logs, *args, **kwargs)
 
     def _otr_read_first_window(self) -> dict[str, float]:

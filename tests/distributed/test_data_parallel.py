@@ -58,6 +58,24 @@ def test_two_processes_equal_one_process_with_the_global_batch(tiny_dir, tmp_pat
         assert 0 <= value_one < 1 and value_two == pytest.approx(value_one, rel=1e-4, abs=1e-6)
 
 
+def test_two_processes_equal_one_process_when_axolotl_turned_token_averaging_off(
+    tiny_dir, tmp_path
+):
+    """Axolotl builds every run with ``average_tokens_across_devices: false``; OTR's
+    ``token`` normalization still takes the mean over the global batch's target tokens
+    (it turns the Trainer's switch on when it attaches, with a log line)."""
+    one = run(tiny_dir, tmp_path / "one.pt", 1, 8, 1, "token")
+    two = run(tiny_dir, tmp_path / "two.pt", 2, 2, 2, "token", OTR_TEST_AVERAGE_TOKENS="0")
+    assert two["world"] == 2
+    assert one["grads"].keys() == two["grads"].keys()
+    for name, grad in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    loss_one = [log["loss"] for log in one["logs"] if "loss" in log]
+    loss_two = [log["loss"] for log in two["logs"] if "loss" in log]
+    assert loss_two == pytest.approx(loss_one, rel=1e-4)
+    assert two["average_tokens"]  # the Trainer's own switch, turned on (and logged)
+
+
 def test_every_process_takes_the_path_one_process_had_to_take(tiny_dir, tmp_path):
     """The exactness check runs on each process alone; when it fails on rank 1 only,
     rank 0 (whose check passed) follows it to the logits path, and training proceeds."""

@@ -7,10 +7,18 @@ micro-batches' own means (a loss with no window count, and the router term).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from axolotl_otr.scaling import auxiliary_loss, global_count, window_loss, world_factor
+from axolotl_otr.scaling import (
+    auxiliary_loss,
+    count_across_processes,
+    global_count,
+    window_loss,
+    world_factor,
+)
 
 
 def test_the_count_of_a_data_parallel_batch_is_its_first_entry():
@@ -74,3 +82,21 @@ def test_the_router_term_is_the_mean_of_the_replicas_over_the_window():
     per_replica = torch.tensor([1.0, 3.0])  # DataParallel gathers one value per replica
     out = auxiliary_loss(per_replica, steps=4, world=2)
     assert float(out) == pytest.approx(2.0 / 8)
+
+
+@pytest.mark.parametrize(
+    ("averaged", "world_size", "n_gpu", "switched"),
+    [
+        (False, 2, 0, True),  # Axolotl's setting under torchrun: counted over processes
+        (True, 2, 0, False),  # the Trainer's default: already counted
+        (False, 1, 0, False),  # one process: nothing to count across
+        (False, 1, 2, False),  # DataParallel in one process: refused or handled apart
+    ],
+)
+def test_token_counts_are_taken_over_every_process(averaged, world_size, n_gpu, switched):
+    args = SimpleNamespace(
+        average_tokens_across_devices=averaged, world_size=world_size, n_gpu=n_gpu
+    )
+    line = count_across_processes(args)
+    assert (line is not None) == switched
+    assert args.average_tokens_across_devices == (averaged or switched)
