@@ -35,7 +35,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -263,7 +263,7 @@ def verify_output_layer(model: nn.Module, layer: OutputLayer, decoder: nn.Module
     )  # fmt: skip
     if result.transform is None:
         return OutputLayer(None, result.reason)
-    return OutputLayer(layer.weight_and_bias, transform=result.transform)
+    return replace(layer, transform=result.transform)
 
 
 __all__ = ["IDENTITY", "ProbeResult", "candidate_transforms", "probe", "verify_output_layer"]

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..kernels.transform import IDENTITY, LogitTransform
+from .sharding import FSDP1, ShardedHead, sharding_engine
 
 
 @dataclass
@@ -32,6 +34,17 @@ class OutputLayer:
     weight_and_bias: Callable[[], tuple[torch.Tensor, torch.Tensor | None]] | None
     reason: str = ""
     transform: LogitTransform = IDENTITY
+    # Under FSDP2 / ZeRO-3: how the loss gets the whole head (sharding.py)
+    sharded: ShardedHead | None = None
+
+    def before_forward(self, model: nn.Module) -> None:
+        """Called before a forward pass whose loss takes the hidden-state path."""
+        if self.sharded is not None:
+            self.sharded.before_forward(model)
+
+    def whole(self) -> AbstractContextManager:
+        """The block in which ``weight_and_bias()`` gives the whole head: once per loss."""
+        return self.sharded.full() if self.sharded is not None else nullcontext()
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:
@@ -110,13 +123,17 @@ def choose_output_layer(trainer: Any, fused: bool) -> OutputLayer:
     """The hidden-state path's lm_head for this trainer, or why the logits path is used."""
     if not fused:
         return OutputLayer(None, "otr_fused is false")
-    if getattr(trainer, "is_fsdp_enabled", False):
-        return OutputLayer(None, "FSDP shards the lm_head outside the forward pass")
-    if getattr(trainer, "is_deepspeed_enabled", False) and _zero3(trainer):
-        return OutputLayer(None, "DeepSpeed ZeRO-3 partitions the lm_head")
-    return resolve_output_layer(trainer.model)
-
-
-def _zero3(trainer: Any) -> bool:
-    plugin = getattr(getattr(trainer.accelerator, "state", None), "deepspeed_plugin", None)
-    return bool(plugin is not None and getattr(plugin, "zero_stage", 0) == 3)
+    engine = sharding_engine(trainer)
+    if engine == FSDP1:
+        return OutputLayer(None, "FSDP (version 1) shards the lm_head outside the forward pass")
+    layer = resolve_output_layer(trainer.model)
+    if engine is None or layer.weight_and_bias is None:
+        return layer
+    head = unwrap_peft(trainer.model).get_output_embeddings()
+    if any(p.requires_grad for p in head.parameters()):
+        return OutputLayer(
+            None,
+            f"{engine} shards a trainable lm_head; its gradient is left to the engine's "
+            "own hooks on the logits path",
+        )
+    return replace(layer, sharded=ShardedHead(engine, head))

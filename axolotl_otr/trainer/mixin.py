@@ -149,6 +149,7 @@ class OTRTrainerMixin:
             # The lm_head runs on the last position only; the loss projects the rest
             # chunk by chunk from the captured hidden state.
             inputs = {**inputs, "logits_to_keep": 1}
+            self.otr_output_layer.before_forward(model)  # FSDP2: model/sharding.py
         capture = capture_final_hidden(self._otr_decoder) if hidden else nullcontext()
         with capture as final_hidden:
             self._otr_call = _Call(
@@ -177,27 +178,31 @@ class OTRTrainerMixin:
         units = global_count(num_items_in_batch)
         if settings.normalization == "sequence":
             units = self._otr_window_sequences if training else None
-        if call.hidden is not None:
-            lm_head = self.otr_output_layer.weight_and_bias()  # detached under no_grad
-            # With device_map the lm_head (tied: next to the embeddings) may sit on
-            # another device than the decoder's output; its own forward moves it too.
-            activations = call.hidden.take().to(lm_head[0].device)
-        else:
-            activations = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-            lm_head = None
-        generator = self.otr_sampler.generator(
-            activations.device, call.phase, self.state.global_step
-        )
-        # The chunk GEMMs in the autocast dtype the forward ran under (accelerate's mixed
-        # precision covers model.forward, not this loss; sums stay fp32): capture.py
-        amp = call.hidden.autocast() if call.hidden is not None else nullcontext()
-        with amp:
-            loss, stats = weighted_loss(
-                activations, labels, settings, lm_head=lm_head, num_items_in_batch=units,
-                position_ids=call.position_ids, generator=generator,
-                # The model's own logits already carry its transform (scale, soft-cap).
-                logit_transform=None if lm_head is None else self.otr_output_layer.transform,
-            )  # fmt: skip
+        # Under FSDP2 / ZeRO-3 the whole lm_head exists in this block only, once per
+        # micro-batch (model/sharding.py).
+        whole = self.otr_output_layer.whole() if call.hidden is not None else nullcontext()
+        with whole:
+            if call.hidden is not None:
+                lm_head = self.otr_output_layer.weight_and_bias()  # detached under no_grad
+                # With device_map the lm_head (tied: next to the embeddings) may sit on
+                # another device than the decoder's output; its own forward moves it too.
+                activations = call.hidden.take().to(lm_head[0].device)
+            else:
+                activations = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+                lm_head = None
+            generator = self.otr_sampler.generator(
+                activations.device, call.phase, self.state.global_step
+            )
+            # The chunk GEMMs in the autocast dtype the forward ran under (accelerate's mixed
+            # precision covers model.forward, not this loss; sums stay fp32): capture.py
+            amp = call.hidden.autocast() if call.hidden is not None else nullcontext()
+            with amp:
+                loss, stats = weighted_loss(
+                    activations, labels, settings, lm_head=lm_head, num_items_in_batch=units,
+                    position_ids=call.position_ids, generator=generator,
+                    # The model's own logits already carry its transform (scale, soft-cap).
+                    logit_transform=None if lm_head is None else self.otr_output_layer.transform,
+                )  # fmt: skip
         steps = self._otr_accumulation_steps() if training else 1
         world = world_factor(
             num_items_in_batch,

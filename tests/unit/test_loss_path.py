@@ -55,7 +55,7 @@ def test_a_plain_model_takes_the_measured_fused_path():
     [
         (False, {}, "otr_fused is false"),
         (True, {"n_gpu": 2}, "DataParallel replicates the model"),
-        (True, {"is_fsdp_enabled": True}, "FSDP shards the lm_head"),
+        (True, {"is_fsdp_enabled": True}, "FSDP (version 1) shards the lm_head"),
     ],
 )
 def test_the_logits_path_says_why(fused, setup, reason):
@@ -82,3 +82,40 @@ def test_one_process_needs_no_gather():
     accelerator = Accelerator()
     assert fused_everywhere(accelerator, True) and not fused_everywhere(accelerator, False)
     assert accelerator.gathered == 0
+
+
+def engine_state(**plugins) -> SimpleNamespace:
+    """accelerate's state as the Trainer leaves it under FSDP2 or DeepSpeed ZeRO-3."""
+    fsdp = plugins.get("fsdp_version")
+    zero = plugins.get("zero_stage")
+    return SimpleNamespace(
+        fsdp_plugin=None if fsdp is None else SimpleNamespace(fsdp_version=fsdp),
+        deepspeed_plugin=None if zero is None else SimpleNamespace(zero_stage=zero),
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "plugins", "engine"),
+    [
+        ({"is_fsdp_enabled": True}, {"fsdp_version": 2}, "FSDP2"),
+        ({"is_deepspeed_enabled": True}, {"zero_stage": 3}, "DeepSpeed ZeRO-3"),
+    ],
+)
+def test_a_sharding_engine_takes_the_fused_path_for_a_frozen_head_only(flags, plugins, engine):
+    accelerator = Accelerator()
+    accelerator.state = engine_state(**plugins)
+    model = tiny_llama()
+    model.lm_head.weight.requires_grad_(False)  # frozen, as under LoRA
+    path = choose_loss_path(trainer(model, accelerator=accelerator, **flags), fused=True)
+    assert path.fused and path.layer.sharded is not None
+    assert path.layer.sharded.engine == engine
+    model.lm_head.weight.requires_grad_(True)  # a full fine-tune trains the head
+    path = choose_loss_path(trainer(model, accelerator=accelerator, **flags), fused=True)
+    assert not path.fused and f"{engine} shards a trainable lm_head" in path.layer.reason
+
+
+def test_zero_2_keeps_the_head_whole():
+    accelerator = Accelerator()
+    accelerator.state = engine_state(zero_stage=2)
+    path = choose_loss_path(trainer(accelerator=accelerator, is_deepspeed_enabled=True), fused=True)
+    assert path.fused and path.layer.sharded is None

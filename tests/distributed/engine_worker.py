@@ -1,0 +1,182 @@
+"""Two short LoRA trainings (the CE control, then OTR) under one engine, launched by torchrun.
+
+Usage: python -m torch.distributed.run --nproc_per_node N -m tests.distributed.engine_worker
+        ENGINE MODEL ADAPTER OUT MICRO_BATCH ACCUMULATION
+ENGINE: ddp, fsdp2, zero2 or zero3 (zero2: see test_engines.py). Both runs start from the
+saved LoRA adapter ADAPTER on the base model MODEL, on the same 16 examples, for 2
+optimizer steps; the OTR run uses a small chunk (several chunks per micro-batch). Every
+rank gathers the trained LoRA weights whole (a collective under FSDP2 and ZeRO-3); rank 0
+saves, per run, the logged metrics, those weights, the loss path and the lm_head gathers
+the loss made, to OUT.
+
+What a machine without GPUs lacks, patched here in the test and never in the package:
+- DeepSpeed: the HF Trainer sizes DeepSpeed's batch from accelerate's state, which on a
+  CPU machine counts one process (``train_batch_size ... 4 != 4 * 1 * 2``). The state is
+  set up first as DeepSpeed's over gloo (``ACCELERATE_USE_DEEPSPEED=true``,
+  ``PartialState(backend="gloo")``) and the Trainer told to use it
+  (``accelerator_config.use_configured_state``). DeepSpeed's CPU accelerator compiles a
+  small C++ op on first use; ``TORCH_EXTENSIONS_DIR`` (set by the test) caches it.
+- FSDP2: accelerate 1.13 turns FSDP on only for GPU-like process groups, so on CPU the
+  Trainer would silently train DDP. After the Trainer is built (before OTR attaches and
+  before ``train()`` wraps the model) accelerate's state is switched to FSDP with the
+  plugin the Trainer made from its own ``fsdp`` arguments.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ENGINES = ("ddp", "fsdp2", "zero2", "zero3")
+STEPS = 2
+CHUNK = 16  # positions per chunk: several chunks per micro-batch
+
+
+def _deepspeed_config(stage: int) -> dict:
+    return {
+        "zero_optimization": {"stage": stage},
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+    }
+
+
+def _engine_args(engine: str) -> dict:
+    if engine.startswith("zero"):
+        return {
+            "deepspeed": _deepspeed_config(int(engine[-1])),
+            "accelerator_config": {"use_configured_state": True},
+        }
+    if engine == "fsdp2":
+        return {
+            "fsdp": "full_shard auto_wrap",
+            "fsdp_config": {
+                "version": 2,
+                "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                "reshard_after_forward": True,
+            },
+        }
+    return {}
+
+
+def _switch_to_fsdp(trainer) -> None:
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    trainer.is_fsdp_enabled = True
+
+
+def _whole_lora_weights(model) -> dict:
+    """Every LoRA weight, whole, on every rank (FSDP2 and ZeRO-3 gather them)."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    weights = {}
+    for name, param in model.named_parameters():
+        if "lora_" not in name:
+            continue
+        if isinstance(param, DTensor):
+            weights[name] = param.full_tensor().detach().clone()
+        elif hasattr(param, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param]):
+                weights[name] = param.data.detach().clone()
+        else:
+            weights[name] = param.detach().clone()
+        weights[name] = weights[name].to(torch.float32)
+    return weights
+
+
+def train(engine: str, model_dir: str, adapter: str, out: Path, micro_batch: int, acc: int, otr):
+    """One training run; what rank 0 saves of it."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from axolotl_otr.objective import Objective, OTRSettings
+    from axolotl_otr.trainer import install_otr
+    from tests.support.trainer_setup import LogRecorder, make_examples
+
+    if engine.startswith("zero"):
+        # A second DeepSpeed Trainer in one process: accelerate refuses a second
+        # DeepSpeed plugin on its shared state, and the first run's arguments would make
+        # from_pretrained partition the model (zero.Init). Both are reset here, so the
+        # two runs start alike (the process group stays).
+        from accelerate.state import AcceleratorState
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        AcceleratorState._reset_state()
+        unset_hf_deepspeed_config()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    args = TrainingArguments(
+        output_dir=str(out.parent / f"trainer-{'otr' if otr else 'ce'}"),
+        per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=acc,
+        max_steps=STEPS,
+        learning_rate=1e-2,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **_engine_args(engine),
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=make_examples(16, 512))
+    if engine == "fsdp2":
+        _switch_to_fsdp(trainer)
+    if otr:
+        settings = OTRSettings(Objective(estimator="exact"), chunk_size=CHUNK)
+        install_otr(trainer, settings)
+    logs = LogRecorder()
+    trainer.add_callback(logs)
+    trainer.train()
+    record = {
+        "logs": logs.logs,
+        "weights": _whole_lora_weights(trainer.model),
+        "world": trainer.args.world_size,
+    }
+    if otr:
+        layer = trainer.output_layer
+        record["fused"] = layer.weight_and_bias is not None
+        record["reason"] = layer.reason
+        sharded = getattr(layer, "sharded", None)  # (absent before issue 34)
+        record["sharded"] = None if sharded is None else sharded.engine
+        record["loss_gathers"] = 0 if sharded is None else sharded.gathers
+    return record
+
+
+def main() -> None:
+    engine, model_dir, adapter, out, micro_batch, acc = sys.argv[1:7]
+    if engine not in ENGINES:
+        raise SystemExit(f"engine {engine!r} not in {ENGINES}")
+    if engine.startswith("zero"):
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        from accelerate import PartialState
+
+        PartialState(backend="gloo")
+    import torch
+
+    out = Path(out)
+    runs = {
+        name: train(engine, model_dir, adapter, out, int(micro_batch), int(acc), otr)
+        for name, otr in (("ce", False), ("otr", True))
+    }
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save(runs, out)
+
+
+if __name__ == "__main__":
+    main()
