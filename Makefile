@@ -21,7 +21,12 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # folders it cannot find; drop those lines, keep everything else pip says.
 QUIET_PIP := 2>&1 | sed '/^WARNING: Location .* is ignored/d'
 MATPLOTLIB_VERSION ?= 3.11.2
-STAMP_DEPS := $(VENV)/.deps-$(AXOLOTL_VERSION)-mpl$(MATPLOTLIB_VERSION)
+# DeepSpeed for tests/distributed/test_engines.py (ZeRO-3 on 2 CPU processes), the newest
+# release Axolotl 0.19's `deepspeed` extra allows (>=0.18.6,<0.19). Installed --no-deps
+# with its small pure-Python requirements listed: its metadata names an unpinned torch.
+DEEPSPEED_VERSION ?= 0.18.9
+DEEPSPEED_DEPS := hjson msgpack ninja py-cpuinfo
+STAMP_DEPS := $(VENV)/.deps-$(AXOLOTL_VERSION)-mpl$(MATPLOTLIB_VERSION)-ds$(DEEPSPEED_VERSION)
 STAMP_PKG := $(VENV)/.otr-installed
 PKG_SOURCES := pyproject.toml _axolotl_otr_alias.py axolotl_otr_alias.pth \
 	$(wildcard axolotl_otr/*.py axolotl_otr/*/*.py) \
@@ -41,6 +46,8 @@ $(STAMP_DEPS):
 	$(PIP) install -q torch==$(TORCH_VERSION) $(QUIET_PIP)
 	$(PIP) install -q axolotl==$(AXOLOTL_VERSION) "pytest>=8" "ruff>=0.5" \
 		matplotlib==$(MATPLOTLIB_VERSION) $(QUIET_PIP)
+	$(PIP) install -q $(DEEPSPEED_DEPS) $(QUIET_PIP)
+	$(PIP) install -q --no-deps --no-build-isolation deepspeed==$(DEEPSPEED_VERSION) $(QUIET_PIP)
 	touch $@
 
 # The package is installed as users get it (a wheel, with the .pth that lets Axolotl
