@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from examples.tiny import build_tiny
 from tests.support.axolotl_cli import OFFLINE_ENV, TINY_CONFIG
-from tests.support.examples import load_example
 
 os.environ.update(OFFLINE_ENV)
 
@@ -35,7 +35,7 @@ def recorded_draws(monkeypatch) -> list:
 def tiny_dir(tmp_path_factory) -> Path:
     """The tiny model, tokenizer and data, built once per test session."""
     out = tmp_path_factory.mktemp("tiny")
-    load_example("build_tiny").build(out, seed=0)
+    build_tiny.build(out, seed=0)
     return out
 
 

@@ -62,8 +62,9 @@ def test_otr_off_is_axolotls_own_loss_and_otr_sft_reproduces_it(tiny_config, tmp
     assert sft[0]["otr/ce"] == pytest.approx(plain[0]["loss"], abs=2e-3)
 
 
-def test_short_plugin_spelling_trains_with_otr(tiny_config, tmp_path):
-    _, steps = train(tiny_config, tmp_path, "short", plugins=["axolotl_otr"], max_steps=2)
+def test_long_plugin_spelling_trains_with_otr(tiny_config, tmp_path):
+    """The shipped configs write the short name (``axolotl_otr``); the class path works too."""
+    _, steps = train(tiny_config, tmp_path, "long", plugins=["axolotl_otr.OTRPlugin"], max_steps=2)
     assert all(key in steps[-1] for key in OTR_KEYS)
 
 

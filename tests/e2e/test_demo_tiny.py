@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.examples import load_example as _load_example
-
-evaluate = _load_example("evaluate")
-summarize_run = _load_example("summarize_run")
+from examples.tiny import evaluate, summarize_run
 
 
 def test_heldout_questions_are_not_trained_on(tiny_dir):

@@ -201,7 +201,7 @@ def test_shared_config_spells_out_the_defaults_and_is_honest_about_checks(path):
     defaults = OTRArgs()
     for key in SPELLED_OUT:
         assert raw[key] == getattr(defaults, key), key
-    assert raw["plugins"] == ["axolotl_otr.OTRPlugin"]
+    assert raw["plugins"] == ["axolotl_otr"]
     assert raw["bf16"] is True and raw["sample_packing"] is True
     assert raw["attn_implementation"] == "flash_attention_2"
     assert not raw.get("flash_attention")  # 0.19 refuses it next to attn_implementation
@@ -248,17 +248,27 @@ def test_the_demo_config_sets_every_otr_key_with_a_reason():
     for key in keys:
         (line,) = [line for line in text.splitlines() if line.startswith(f"{key}:")]
         assert "#" in line and line.split("#", 1)[1].strip(), f"{key} has no comment"
-    assert raw["otr"] is True and raw["plugins"] == ["axolotl_otr.OTRPlugin"]
+    assert raw["otr"] is True and raw["plugins"] == ["axolotl_otr"]
     assert raw["chat_template"] == "tokenizer_default"
     (dataset,) = raw["datasets"]
     assert dataset["type"] == "chat_template" and dataset["roles_to_train"] == ["assistant"]
 
-    import sys
-
-    sys.path.insert(0, str(REPO / "examples" / "smollm2"))
-    import demo
-    from smollm2_model import MODEL_DIR
+    from examples.smollm2 import demo
+    from examples.smollm2.smollm2_model import MODEL_DIR
 
     assert (REPO / raw["base_model"]).resolve() == Path(MODEL_DIR).resolve()
     assert (REPO / dataset["path"]).resolve() == (REPO / demo.DATA_DIR / "train.jsonl").resolve()
     assert demo.CONFIG == DEMO_CONFIG
+
+
+def test_every_example_config_spells_the_plugin_as_the_readmes_two_lines():
+    """One spelling: the README's "add two lines" block is what every shipped config
+    writes (the long form, ``axolotl_otr.OTRPlugin``, trains in
+    tests/e2e/test_axolotl_train.py)."""
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    parsed = [cfg for cfg in map(yaml.safe_load, blocks) if isinstance(cfg, dict)]
+    (two_lines,) = [cfg for cfg in parsed if set(cfg) == {"plugins", "otr"}]
+    (spelling,) = two_lines["plugins"]
+    for path in EXAMPLES:
+        plugins = yaml.safe_load(path.read_text())["plugins"]
+        assert [p for p in plugins if p.startswith("axolotl_otr")] == [spelling], path.name

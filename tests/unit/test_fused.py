@@ -8,7 +8,6 @@ non-unit upstream gradient, ``retain_graph``, and seeded sampling.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -151,16 +150,16 @@ def test_same_seed_same_samples(path, recorded_draws):
 
 
 @pytest.mark.parametrize(
-    "script,keys",
+    "module,keys",
     [
-        ("loss_speed.py", ("otr_sampled_vs_ce", "otr_exact_vs_ce")),
-        ("step_time.py", ("step_time_ratio", "peak_mem_ratio")),
-        ("loss_memory.py", ("otr_vs_sft_chunked", "otr_vs_sft_full", "trainable_head_copies")),
+        ("bench.loss_speed", ("otr_sampled_vs_ce", "otr_exact_vs_ce")),
+        ("bench.step_time", ("step_time_ratio", "peak_mem_ratio")),
+        ("bench.loss_memory", ("otr_vs_sft_chunked", "otr_vs_sft_full", "trainable_head_copies")),
     ],
 )
-def test_bench_quick_smoke(script, keys):
+def test_bench_quick_smoke(module, keys):
     done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", script), "--quick"],
+        [sys.executable, "-m", module, "--quick"],
         capture_output=True,
         text=True,
         timeout=300,

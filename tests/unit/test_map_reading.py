@@ -1,5 +1,5 @@
 """The map of measured levels, read from the user's side (``axolotl_otr/map_reading.py``),
-and its source (``bench/generalization/otr_map.py``): the packaged copy is what the
+and its source (``experiments/otr_vs_sft/otr_map.py``): the packaged copy is what the
 committed results give, levels without token measures are skipped, and the line places
 a run below, between, at or above the levels with the recommendation the map's numbers
 make."""
@@ -7,7 +7,6 @@ make."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 import subprocess
@@ -24,12 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _generator():
-    spec = importlib.util.spec_from_file_location(
-        "otr_map_generator", ROOT / "bench" / "generalization" / "otr_map.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from experiments.otr_vs_sft import otr_map
+
+    return otr_map
 
 
 def _diff(mean, lo=None, hi=None):
@@ -47,7 +43,7 @@ def synthetic_map() -> dict:
     """Three levels: SFT better at the weak end, no difference in the middle, OTR ahead at
     the strong end."""
     return {
-        "source": "bench/results/otr_map.json",
+        "source": "experiments/otr_vs_sft/results/otr_map.json",
         "methods": METHODS,
         "levels": [
             {
@@ -98,7 +94,7 @@ def test_below_the_lowest_level_reads_that_level(synthetic_map):
     assert "pure OTR - SFT -0.120 [-0.150, -0.090]" in line
     assert "dft" not in line  # only the methods the map names are read
     assert "SFT was better there: the map recommends SFT" in line
-    assert "source: bench/results/otr_map.json" in line
+    assert "source: experiments/otr_vs_sft/results/otr_map.json" in line
 
 
 def test_above_the_highest_level_reads_that_level(synthetic_map):
@@ -176,11 +172,29 @@ def test_a_malformed_map_is_a_clear_error(broken):
 def test_the_packaged_map_is_what_the_committed_results_give():
     generator = _generator()
     text = generator.dumps(generator.derive())
-    assert (ROOT / "bench" / "results" / "otr_map.json").read_text() == text
+    assert (Path(generator.RESULTS) / "otr_map.json").read_text() == text
     assert (ROOT / "axolotl_otr" / map_reading.MAP_FILE).read_text() == text
     assert load_map() == json.loads(text)
     # the shipped map is readable whatever it holds
     assert read_map(0.5, 0.6, load_map()).startswith("OTR map: your base model")
+
+
+def test_the_readme_section_the_line_names_holds_the_table_the_results_give():
+    """The map line sends users to the README's "When does OTR help?" (``READ_MORE``). Its
+    at-a-glance table is generated from the committed results by the study's map_summary
+    (run ``python -m experiments.otr_vs_sft.map_summary`` after a result changes); a copy
+    edited by hand, here or in docs/, fails."""
+    from experiments.otr_vs_sft import map_summary
+
+    table = map_summary.glance_table(map_summary.level_rows(map_summary.otr_map.RESULTS))
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## When does OTR help?\n", 1)[1].split("\n## ", 1)[0]
+    assert "When does OTR help?" in map_reading.READ_MORE
+    assert [section.splitlines()[a:b] for a, b in map_summary.glance_copies(section)] == [table]
+    for path in (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))):
+        lines = path.read_text().splitlines()
+        for start, end in map_summary.glance_copies(path.read_text()):
+            assert lines[start:end] == table, f"{path.name}: run map_summary"
 
 
 def _results(tmp_path: Path, measured: bool) -> Path:
@@ -219,7 +233,7 @@ def test_the_generator_places_measured_levels_and_skips_the_others(tmp_path):
     assert [s["name"] for s in otr_map["skipped"]] == ["scale 1 level 0 (base in-domain 0.10)"]
     assert [lv["p_target"] for lv in otr_map["levels"]] == [0.55, 0.9]  # sorted by p
     scale1, scale2 = otr_map["levels"]
-    assert scale1["source"] == "bench/results/continuum.json"
+    assert scale1["source"] == "experiments/otr_vs_sft/results/continuum.json"
     assert scale1["sft_in_domain"] == pytest.approx(0.85)
     diff = scale1["differences"]["otr_sampled"]
     assert diff["mean"] == pytest.approx((0.05 - 0.04) / 2) and diff["n_seeds"] == 2

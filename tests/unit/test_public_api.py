@@ -1,8 +1,8 @@
 """The public names (``axolotl_otr/__init__.py``) are where users import them from.
 
 Both plugin spellings through ``axolotl train`` are run by
-``tests/e2e/test_axolotl_train.py`` (``axolotl_otr.OTRPlugin`` in the shipped configs,
-``axolotl_otr`` in ``test_short_plugin_spelling_trains_with_otr``) and the installed wheel
+``tests/e2e/test_axolotl_train.py`` (``axolotl_otr`` in the shipped configs,
+``axolotl_otr.OTRPlugin`` in ``test_long_plugin_spelling_trains_with_otr``) and the installed wheel
 by ``tests/e2e/test_install.py``.
 """
 

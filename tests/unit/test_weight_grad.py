@@ -6,18 +6,13 @@ made inside kernels count. Each test names the buffers it bounds.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import axolotl_otr.kernels.fused as fused
 from axolotl_otr import otr_loss, otr_loss_from_hidden
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
-from memory_probe import peak_bytes  # noqa: E402
+from bench.memory_probe import peak_bytes
 
 
 def batch(tokens, hidden_size, vocab, dtype, seed=0, target_logit=0.0):
@@ -170,9 +165,8 @@ def test_trainer_loss_runs_its_gemms_in_the_forwards_autocast_dtype(
     not the loss the Trainer computes after it; the loss replays the autocast the forward
     ran under, so its chunk GEMMs run in bf16 as the model's own lm_head does (before:
     fp32), and the loss is the logits path's within bf16 tolerance."""
-    from trainer_setup import build_trainer, make_examples
-
     from axolotl_otr.objective import Objective, OTRSettings
+    from tests.support.trainer_setup import build_trainer, make_examples
 
     chosen = []
     original = fused.compute_dtype_of

@@ -9,6 +9,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from experiments.otr_vs_sft import map_summary
 
 
@@ -65,3 +67,31 @@ def test_the_summary_sorts_levels_marks_verdicts_and_reads_forgetting(tmp_path: 
     pooled = forgetting.split("### retention, pooled")[1].split("###")[0]
     for step in (100, 200):
         assert re.search(rf"\| {step} \| 0\.900 \| " + loss.format(700) + r" \|", pooled)
+
+
+def test_the_committed_summary_and_the_readmes_table_are_what_the_results_give() -> None:
+    """``--check`` on the committed results: results/otr_map_summary.md and the README's
+    copy of the at-a-glance table are what map_summary writes."""
+    assert map_summary.main(["--check"]) == 0
+
+
+def test_the_generator_rewrites_the_readmes_one_table_and_check_writes_nothing(
+    tmp_path: Path, capsys
+) -> None:
+    results = _results(tmp_path)
+    readme = tmp_path / "README.md"
+    stale = "| scale 1 level 0: 0.600 (0.700) | hand-edited |"
+    header = map_summary.glance_table([])[0]
+    readme.write_text(f"# Title\n\ntext before\n\n{header}\n|---|\n{stale}\n\ntext after\n")
+    before = readme.read_text()
+    assert map_summary.main(["--results", str(results), "--readme", str(readme), "--check"]) == 1
+    assert "is stale" in capsys.readouterr().out
+    assert readme.read_text() == before and not (results / map_summary.OUT_NAME).exists()
+    assert map_summary.main(["--results", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    rows = map_summary.glance_table(map_summary.level_rows(str(results)))
+    assert "text before\n\n" + "\n".join(rows) + "\n\ntext after\n" in text and stale not in text
+    assert map_summary.main(["--results", str(results), "--readme", str(readme), "--check"]) == 0
+    readme.write_text(text + "\n" + "\n".join(rows) + "\n")  # a second copy: which one?
+    with pytest.raises(ValueError, match="found 2"):
+        map_summary.main(["--results", str(results), "--readme", str(readme)])
