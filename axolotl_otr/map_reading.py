@@ -1,10 +1,11 @@
 """Read the measured map of "when does OTR help?" from the user's side (pure Python).
 
 The map (``otr_map.json``, shipped in the package; its source is
-``bench/results/otr_map.json``, derived by ``bench/generalization/otr_map.py`` from the
-committed results) holds measured levels: each a base model on its fine-tuning data,
-indexed by the mean probability it gives the target tokens (``p_target``) and the share
-of targets that are its argmax, with each method's in-domain difference to SFT. A run
+``experiments/otr_vs_sft/results/otr_map.json``, derived by
+``experiments/otr_vs_sft/otr_map.py`` from the committed results) holds measured
+levels: each a base model on its fine-tuning data, indexed by the mean probability it
+gives the target tokens (``p_target``) and the share of targets that are its argmax, with
+each method's in-domain difference to SFT. A run
 measures the same two numbers on its own first optimizer step, so it can be placed on
 that axis before any update.
 
