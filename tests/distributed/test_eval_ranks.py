@@ -170,9 +170,8 @@ def test_stray_calls_leave_the_next_evaluation_unchanged(one_rank_run, variant):
 def test_a_stray_prediction_step_leaves_eval_otr_unchanged(tiny_dir, tmp_path):
     """One process: an evaluation after a prediction_step made outside any evaluation
     loop (Axolotl's prediction-table and bench callbacks) reports the same eval_otr/*."""
-    from trainer_setup import build_trainer, make_examples
-
     from axolotl_otr.objective import Objective, OTRSettings
+    from tests.support.trainer_setup import build_trainer, make_examples
 
     eval_examples = make_examples(8, 512, seed=1)
     trainer, _, _ = build_trainer(
