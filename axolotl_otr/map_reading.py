@@ -27,7 +27,7 @@ from importlib import resources
 from typing import Any
 
 MAP_FILE = "otr_map.json"  # inside the package
-SOURCE = "bench/results/otr_map.json"  # where the shipped copy comes from
+SOURCE = "experiments/otr_vs_sft/results/otr_map.json"  # where the shipped copy comes from
 
 
 def load_map() -> dict[str, Any]:
