@@ -192,7 +192,9 @@ def probe(model: nn.Module, layer: OutputLayer, decoder: nn.Module) -> ProbeResu
         if any(t.device.type == "meta" for t in _tensors(head)):
             return ProbeResult(None, math.inf, 0.0, 0.0, "the lm_head is offloaded (meta)")
         embeddings = model.get_input_embeddings()
-        ids = probe_ids(embeddings.weight.shape[0], embeddings.weight.device)
+        # ZeRO-3 may hold only a partition here; ``ds_shape`` is the whole (sharding.py)
+        vocab = getattr(embeddings.weight, "ds_shape", embeddings.weight.shape)[0]
+        ids = probe_ids(vocab, embeddings.weight.device)
         hook = _ProbeHook(head[0])
         handle = decoder.register_forward_hook(hook)
         try:

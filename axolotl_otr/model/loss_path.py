@@ -52,7 +52,8 @@ def choose_loss_path(trainer: Any, fused: bool) -> LossPath:
         elif decoder is None:
             layer = OutputLayer(None, "the model has no get_decoder()")
         else:  # measured on the model itself, once (exactness.py)
-            layer = verify_output_layer(trainer.model, layer, decoder)
+            with layer.probing(trainer.model):  # a sharded model made whole: sharding.py
+                layer = verify_output_layer(trainer.model, layer, decoder)
     everywhere = fused_everywhere(trainer.accelerator, layer.weight_and_bias is not None)
     if layer.weight_and_bias is not None and not everywhere:
         layer = OutputLayer(

@@ -42,6 +42,10 @@ class OutputLayer:
         if self.sharded is not None:
             self.sharded.before_forward(model)
 
+    def probing(self, model: nn.Module) -> AbstractContextManager:
+        """The block in which the exactness probe can run on ``model`` (sharding.py)."""
+        return self.sharded.probing(model) if self.sharded is not None else nullcontext()
+
     def whole(self) -> AbstractContextManager:
         """The block in which ``weight_and_bias()`` gives the whole head: once per loss."""
         return self.sharded.full() if self.sharded is not None else nullcontext()

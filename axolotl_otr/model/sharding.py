@@ -83,6 +83,59 @@ class ShardedHead:
             self.unit = owner
 
     @contextmanager
+    def probing(self, model: nn.Module) -> Iterator[None]:
+        """The block in which the exactness probe (one forward pass outside training, then
+        the head's own product) can run on ``model`` as the engine left it at attach.
+
+        ZeRO-3 may have partitioned the model when it was loaded (``zero.Init``: Axolotl's
+        loader under a ZeRO-3 config, ``from_pretrained`` after the Trainer's arguments),
+        before the engine wraps it with its gathering hooks. Here each module's own
+        parameters are gathered for its forward and released after it, as the engine does,
+        so only one layer and the head are whole at a time; the head stays whole for the
+        block. FSDP2: a model already wrapped keeps its head unsharded for the probe (as
+        for the loss) and is resharded after it. Unpartitioned models: nothing to do.
+        """
+        if self.engine == FSDP2:
+            self.before_forward(model)
+            try:
+                yield
+            finally:
+                if self.unit is not None:
+                    self.unit.reshard()
+            return
+        if not any(hasattr(p, "ds_id") for p in model.parameters()):
+            yield
+            return
+        import deepspeed
+
+        held: dict[nn.Module, Any] = {}
+
+        def gather(module: nn.Module, args: Any) -> None:
+            params = [p for p in module.parameters(recurse=False) if _partitioned(p)]
+            if params:
+                held[module] = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+                held[module].__enter__()
+
+        def release(module: nn.Module, args: Any, output: Any) -> None:
+            context = held.pop(module, None)
+            if context is not None:
+                context.__exit__(None, None, None)
+
+        handles = []
+        for module in model.modules():
+            handles.append(module.register_forward_pre_hook(gather))
+            handles.append(module.register_forward_hook(release))
+        head = [p for p in self.head.parameters() if hasattr(p, "ds_id")]
+        try:
+            with deepspeed.zero.GatheredParameters(head, modifier_rank=None):
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for context in held.values():  # a forward that raised midway
+                context.__exit__(None, None, None)
+
+    @contextmanager
     def full(self) -> Iterator[None]:
         """The head's parameters are whole inside the block."""
         if self.engine == ZERO3:
@@ -105,3 +158,12 @@ class ShardedHead:
         finally:
             if self.unit is not None and not torch.is_grad_enabled():
                 self.unit.reshard()  # no backward follows: free the whole head now
+
+
+def _partitioned(param: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter whose data is only this process's partition right now."""
+    if not hasattr(param, "ds_id"):
+        return False
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return param.ds_status == ZeroParamStatus.NOT_AVAILABLE

@@ -6,8 +6,8 @@ ENGINE: ddp, fsdp2, zero2 or zero3 (zero2: see test_engines.py). Both runs start
 saved LoRA adapter ADAPTER on the base model MODEL, on the same 16 examples, for 2
 optimizer steps; the OTR run uses a small chunk (several chunks per micro-batch). Every
 rank gathers the trained LoRA weights whole (a collective under FSDP2 and ZeRO-3); rank 0
-saves, per run, the logged metrics, those weights, the loss path and the lm_head gathers
-the loss made, to OUT.
+saves, per run, the logged metrics, those weights, the evaluation metrics after training
+(8 more sequences), the loss path and the lm_head gathers the loss made, to OUT.
 
 What a machine without GPUs lacks, patched here in the test and never in the package:
 - DeepSpeed: the HF Trainer sizes DeepSpeed's batch from accelerate's state, which on a
@@ -106,20 +106,18 @@ def train(engine: str, model_dir: str, adapter: str, out: Path, micro_batch: int
 
     if engine.startswith("zero"):
         # A second DeepSpeed Trainer in one process: accelerate refuses a second
-        # DeepSpeed plugin on its shared state, and the first run's arguments would make
-        # from_pretrained partition the model (zero.Init). Both are reset here, so the
-        # two runs start alike (the process group stays).
+        # DeepSpeed plugin on its shared state, and transformers keeps the first run's
+        # DeepSpeed configuration. Both are reset here, so the two runs start alike (the
+        # process group stays).
         from accelerate.state import AcceleratorState
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         AcceleratorState._reset_state()
         unset_hf_deepspeed_config()
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
     args = TrainingArguments(
         output_dir=str(out.parent / f"trainer-{'otr' if otr else 'ce'}"),
         per_device_train_batch_size=micro_batch,
+        per_device_eval_batch_size=micro_batch * acc,  # one evaluation batch per process
         gradient_accumulation_steps=acc,
         max_steps=STEPS,
         learning_rate=1e-2,
@@ -134,7 +132,18 @@ def train(engine: str, model_dir: str, adapter: str, out: Path, micro_batch: int
         disable_tqdm=True,
         **_engine_args(engine),
     )
-    trainer = Trainer(model=model, args=args, train_dataset=make_examples(16, 512))
+    # Loaded after the arguments, as under Axolotl: ZeRO-3 partitions it as it loads
+    # (zero.Init), before the Trainer wraps it.
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=make_examples(16, 512),
+        eval_dataset=make_examples(8, 512, seed=1),
+    )
     if engine == "fsdp2":
         _switch_to_fsdp(trainer)
     if otr:
@@ -143,10 +152,14 @@ def train(engine: str, model_dir: str, adapter: str, out: Path, micro_batch: int
     logs = LogRecorder()
     trainer.add_callback(logs)
     trainer.train()
+    # evaluation takes the training's route (the hidden-state path when no logits are kept)
+    metrics = trainer.evaluate()
     record = {
         "logs": logs.logs,
+        "eval": {k: v for k, v in metrics.items() if k == "eval_loss" or "otr/" in k},
         "weights": _whole_lora_weights(trainer.model),
         "world": trainer.args.world_size,
+        "partitioned_at_load": partitioned,
     }
     if otr:
         layer = trainer.output_layer

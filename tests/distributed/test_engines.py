@@ -5,14 +5,16 @@ Two gloo processes on CPU train a LoRA adapter on the tiny Llama through the HF 
 plain cross-entropy (the control) and once with OTR, from one saved adapter. Against one
 process with the same global batch (16 sequences, 8 per optimizer step, 2 steps):
 
-- both runs finite, and the adapter moved;
+- both runs finite, and the adapter moved; an evaluation after training gives the
+  same ``eval_loss`` and ``eval_otr/*`` (the same route as training's loss);
 - OTR's first-step ``otr/ce`` is the control's first-step loss (the same batch and
   model, measured before the first update) to 1e-4;
 - 2 processes = 1 process: logged losses to 1e-5, trained LoRA weights to 1e-4;
 - the loss path: the hidden-state path under every engine (before issue 34, FSDP2 and
-  ZeRO-3 took the full-logits path), with the whole lm_head gathered once per micro-batch
-  under ZeRO-3 (chunks of 16 positions: several per micro-batch) and reused from the
-  forward under FSDP2 (``axolotl_otr/model/sharding.py``).
+  ZeRO-3 took the full-logits path; under ZeRO-3 the model is partitioned as it loads,
+  as Axolotl loads it, and the exactness check runs on it), with the whole lm_head
+  gathered once per micro-batch under ZeRO-3 (chunks of 16 positions: several per
+  micro-batch) and reused from the forward under FSDP2 (``axolotl_otr/model/sharding.py``).
 
 Cost: one launch per engine plus the reference, about 45-60 s each on 2 CPU cores; the
 first DeepSpeed launch on a machine compiles a C++ op (80-110 s), cached under
@@ -37,6 +39,7 @@ WORKER = "tests.distributed.engine_worker"
 EXTENSIONS = REPO / ".cache" / "torch_extensions"
 SHARDED = {"fsdp2": "FSDP2", "zero3": "DeepSpeed ZeRO-3"}
 MICRO_BATCHES_PER_PROCESS = 2 * 2  # 2 steps x 2 accumulation micro-batches
+EVAL_BATCHES_PER_PROCESS = 1  # 8 sequences, 2 processes, 4 per batch
 
 
 def launch(engine: str, processes: int, micro_batch: int, accumulation: int, tiny, adapter, out):
@@ -115,10 +118,15 @@ def test_two_processes_train_as_one_with_the_fused_loss(
             )
             moved = max(moved, float((weight - start[key.replace(".default", "")]).abs().max()))
         assert moved > 1e-3, f"{name}: the adapter did not move"
+        assert run["eval"].keys() == reference["eval"].keys() and run["eval"]["eval_loss"]
+        for key, value in reference["eval"].items():  # evaluation takes the same route
+            assert run["eval"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, key)
     assert losses(two["otr"], "otr/ce")[0] == pytest.approx(losses(two["ce"])[0], rel=1e-4)
     # the loss path: hidden states under every engine, the head whole once per micro-batch
     otr = two["otr"]
+    assert otr["partitioned_at_load"] == (engine == "zero3")  # zero.Init, as under Axolotl
     assert otr["fused"], otr["reason"]
     assert otr["sharded"] == SHARDED.get(engine)
-    gathers = MICRO_BATCHES_PER_PROCESS if engine == "zero3" else 0
+    # one per loss: training's micro-batches and the evaluation's batches
+    gathers = MICRO_BATCHES_PER_PROCESS + EVAL_BATCHES_PER_PROCESS if engine == "zero3" else 0
     assert otr["loss_gathers"] == gathers
