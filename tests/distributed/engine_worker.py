@@ -15,7 +15,7 @@ What a machine without GPUs lacks, patched here in the test and never in the pac
   set up first as DeepSpeed's over gloo (``ACCELERATE_USE_DEEPSPEED=true``,
   ``PartialState(backend="gloo")``) and the Trainer told to use it
   (``accelerator_config.use_configured_state``). DeepSpeed's CPU accelerator compiles a
-  small C++ op on first use; ``TORCH_EXTENSIONS_DIR`` (set by the test) caches it.
+  small C++ op on first use; torch caches it (``~/.cache/torch_extensions``).
 - FSDP2: accelerate 1.13 turns FSDP on only for GPU-like process groups, so on CPU the
   Trainer would silently train DDP. After the Trainer is built (before OTR attaches and
   before ``train()`` wraps the model) accelerate's state is switched to FSDP with the
