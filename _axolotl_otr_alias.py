@@ -13,14 +13,17 @@ unchanged.
 It also wraps ``axolotl.utils.config.validate_config``: Axolotl drops config keys that no
 loaded plugin declares, so ``otr: true`` without the plugin (on Axolotl 0.19, which does
 not load entry-point plugins) would silently train with plain cross-entropy. The wrapper
-raises a clear error instead.
+raises a clear error instead, and refuses misspelt otr keys (``otr_temprature``, ``OTR``)
+in every case, the plugin loaded or not (``axolotl_otr.objective.check_known_keys``).
 
 Robustness: the wrapping loader only adds a step after the original loader's
 ``exec_module`` and delegates everything else to it. When a patch cannot be applied (a
 future Axolotl renames what it wraps), one warning says so, naming the Axolotl version,
 and Axolotl runs unpatched. ``AXOLOTL_OTR_DISABLE_HOOK=1`` turns the alias off entirely
-(then write the full name ``axolotl_otr.OTRPlugin``). Standard library only; installing
-the alias never raises: a failure here must not break Python start-up.
+(then write the full name ``axolotl_otr.OTRPlugin``). Standard library only at start-up
+(the key check imports the package's pure ``objective`` module when a config is
+validated); installing the alias never raises: a failure here must not break Python
+start-up.
 """
 
 from __future__ import annotations
@@ -66,7 +69,8 @@ def otr_plugin_configured(cfg) -> bool:
 
 
 def patch_validate_config(module) -> None:
-    """Wrap ``module.validate_config`` to refuse ``otr: true`` without the plugin."""
+    """Wrap ``module.validate_config`` to refuse ``otr: true`` without the plugin, and
+    misspelt otr keys."""
     original = getattr(module, "validate_config", None)
     if original is None:
         raise AttributeError(f"{module.__name__}.validate_config not found")
@@ -74,11 +78,16 @@ def patch_validate_config(module) -> None:
         return
 
     def validate_config(cfg, *args, **kwargs):
+        keys = getattr(cfg, "keys", None)
+        if callable(keys):
+            from axolotl_otr.objective import check_known_keys
+
+            check_known_keys(list(keys()))
         if _get(cfg, "otr") and not otr_plugin_configured(cfg):
             raise ValueError(
                 "otr: true is set but the OTR plugin is not loaded, so Axolotl would drop "
-                "the otr keys and train with plain cross-entropy. Add it to the config:\n"
-                "plugins:\n  - axolotl_otr.OTRPlugin"
+                "the otr keys and train with plain cross-entropy: add "
+                "`plugins: [axolotl_otr]` to the config."
             )
         return original(cfg, *args, **kwargs)
 

@@ -7,9 +7,10 @@ the allowed range. What the keys mean: ``docs/algorithm.md``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .objective import (
     DEFAULT_BETA,
@@ -24,13 +25,17 @@ from .objective import (
     ESTIMATORS,
     NORMALIZATIONS,
     OBJECTIVES,
+    OTRConfigError,
     check_beta,
     check_chunk_size,
     check_compile,
+    check_known_keys,
     check_num_samples,
+    check_seed,
     check_sft_mix,
     check_sft_mix_objective,
     check_temperature,
+    read_number,
 )
 
 # Axolotl options that replace the loss function or the lm_head/loss computation.
@@ -121,30 +126,37 @@ class OTRArgs(BaseModel):
         json_schema_extra={"description": "Seed of the token sampler (default: `seed`)."},
     )
 
+    # Numeric keys: one rule for all (objective.read_number), checked before pydantic's
+    # own lax conversion could turn `true` into 1 or 64.0 into 64 for some keys only.
     @field_validator("otr_num_samples", mode="before")
     @classmethod
     def _check_num_samples(cls, value: Any) -> Any:
-        return check_num_samples(value)
+        return check_num_samples(read_number(value, integer=True))
 
-    @field_validator("otr_temperature")
+    @field_validator("otr_temperature", mode="before")
     @classmethod
-    def _check_temperature(cls, value: float) -> float:
-        return check_temperature(value)
+    def _check_temperature(cls, value: Any) -> Any:
+        return check_temperature(read_number(value, integer=False))
 
-    @field_validator("otr_beta")
+    @field_validator("otr_beta", mode="before")
     @classmethod
-    def _check_beta(cls, value: float) -> float:
-        return check_beta(value)
+    def _check_beta(cls, value: Any) -> Any:
+        return check_beta(read_number(value, integer=False))
 
-    @field_validator("otr_sft_mix")
+    @field_validator("otr_sft_mix", mode="before")
     @classmethod
-    def _check_sft_mix(cls, value: float) -> float:
-        return check_sft_mix(value)
+    def _check_sft_mix(cls, value: Any) -> Any:
+        return check_sft_mix(read_number(value, integer=False))
 
-    @field_validator("otr_chunk_size")
+    @field_validator("otr_chunk_size", mode="before")
     @classmethod
-    def _check_chunk_size(cls, value: int | None) -> int | None:
-        return check_chunk_size(value)
+    def _check_chunk_size(cls, value: Any) -> Any:
+        return check_chunk_size(read_number(value, integer=True))
+
+    @field_validator("otr_seed", mode="before")
+    @classmethod
+    def _check_seed(cls, value: Any) -> Any:
+        return check_seed(read_number(value, integer=True))
 
     @field_validator("otr_compile", mode="before")
     @classmethod
@@ -158,13 +170,46 @@ class OTRArgs(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
+    def _refuse_unknown_otr_keys(cls, data: Any) -> Any:
+        # Merged into Axolotl's config model, this sees every top-level key.
+        if isinstance(data, Mapping):
+            check_known_keys(data.keys())
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
     def _refuse_conflicting_losses(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or not data.get("otr"):
+        if not isinstance(data, Mapping) or not data.get("otr"):
             return data
         for key, reason in CONFLICTING_OPTIONS.items():
             if data.get(key):
                 raise ValueError(
                     f"otr: true cannot be combined with {key}: {reason}. "
-                    f"Set {key} to false/null, or otr to false."
+                    f"Delete the `{key}` line from the config, or set otr: false."
                 )
         return data
+
+
+def check_config(cfg: Mapping[str, Any]) -> None:
+    """Refuse a raw (unparsed) config whose OTR keys are wrong, in one line.
+
+    The plugin calls this from Axolotl's ``register`` hook, before Axolotl validates the
+    config: the same checks as ``OTRArgs`` (unknown otr-ish keys, ranges, conflicting
+    options), raised as one ``OTRConfigError`` so that the message is the last line of the
+    traceback (a pydantic ``ValidationError`` adds its own lines after it).
+    """
+    check_known_keys(cfg.keys())
+    ours = {k: cfg[k] for k in cfg.keys() if k in OTRArgs.model_fields or k in CONFLICTING_OPTIONS}
+    try:
+        OTRArgs.model_validate(ours)
+    except ValidationError as error:
+        raise OTRConfigError("; ".join(_message(e) for e in error.errors())) from None
+
+
+def _message(error: dict) -> str:
+    """One pydantic error as a line: our own checks' message, or pydantic's with the key."""
+    raised = error.get("ctx", {}).get("error")
+    if isinstance(raised, Exception):
+        return str(raised)
+    key = ".".join(str(part) for part in error["loc"])
+    return f"{key}: {error['msg']}, got {error.get('input')!r}"

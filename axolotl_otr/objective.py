@@ -7,8 +7,10 @@ can never disagree about what is valid. What each setting means: ``docs/algorith
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +34,23 @@ MIN_BETA = -1.0  # below this the unlikelihood push dominates the target term
 # otr_compile: torch.compile the per-chunk math. Off: on CPU it was not faster
 # (bench/loss_speed.py --compile), and on a GPU it has not been measured yet.
 DEFAULT_COMPILE = False
+
+
+# The plugin's config keys, as ``args.OTRArgs`` declares them (a unit test pins the two).
+CONFIG_KEYS = (
+    "otr",
+    "otr_num_samples",
+    "otr_temperature",
+    "otr_beta",
+    "otr_estimator",
+    "otr_normalization",
+    "otr_objective",
+    "otr_sft_mix",
+    "otr_fused",
+    "otr_chunk_size",
+    "otr_compile",
+    "otr_seed",
+)
 
 
 class OTRConfigError(ValueError):
@@ -158,6 +177,13 @@ def check_sft_mix_objective(sft_mix: float, kind: str) -> None:
         )
 
 
+def check_seed(value: object) -> int | None:
+    """The sampler's seed: an integer, or None for Axolotl's ``seed``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise OTRConfigError(f"otr_seed must be an integer or null, got {value!r}")
+    return value
+
+
 def check_chunk_size(value: object) -> int | None:
     """Positions per loss chunk: a positive integer, or None for the automatic size."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -174,3 +200,50 @@ def check_compile(value: object) -> bool:
 
 def _finite_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_number(value: object, integer: bool) -> object:
+    """A string that reads as a number of the key's kind becomes that number; any other
+    value is returned as it is, for the key's check to accept or refuse.
+
+    One rule for every numeric key: PyYAML reads ``2e0`` or ``1e-3`` (no dot) as strings,
+    and Axolotl's own numeric keys (``learning_rate``) accept those, so a quoted or
+    dot-less number is read, never half-accepted. An integer key reads integer strings
+    only (``"256"``; ``"1e3"`` or ``"8.0"`` stay strings and are refused like 8.0 is).
+    """
+    if not isinstance(value, str):
+        return value
+    try:
+        return int(value.strip()) if integer else float(value.strip())
+    except ValueError:
+        return value
+
+
+def is_otr_key(key: object) -> bool:
+    """Whether a config key is meant for this plugin: its first word starts with ``otr``
+    or one of its words is ``otr``, in any case, with ``_``, ``-``, ``.`` or spaces
+    between words (``OTR``, ``Otr_beta``, ``otr-beta``, ``use_otr``; not ``nemotron_h``)."""
+    words = [w for w in re.split(r"[_\-.\s]+", str(key).lower()) if w]
+    return bool(words) and (words[0].startswith("otr") or "otr" in words)
+
+
+def closest_key(key: object) -> str:
+    """The plugin key nearest to ``key`` once spelt in lower case with underscores."""
+    spelt = re.sub(r"[\-.\s]+", "_", str(key).strip().lower())
+    if spelt in CONFIG_KEYS:
+        return spelt
+    return difflib.get_close_matches(spelt, CONFIG_KEYS, n=1, cutoff=0.0)[0]
+
+
+def check_known_keys(keys: Iterable[object]) -> None:
+    """Refuse top-level config keys meant for OTR that are not the plugin's: Axolotl
+    drops keys no schema declares, so a misspelt one would train with the default."""
+    unknown = [key for key in keys if key not in CONFIG_KEYS and is_otr_key(key)]
+    if unknown:
+        raise OTRConfigError(
+            "; ".join(
+                f"unknown config key `{key!s}`: Axolotl would drop it silently and train "
+                f"without it; did you mean `{closest_key(key)}`?"
+                for key in unknown
+            )
+        )

@@ -21,8 +21,28 @@ class OTRPlugin(BasePlugin):
     ``otr: true``. See ``docs/algorithm.md`` for what is computed.
     """
 
+    def register(self, cfg: Any) -> None:
+        """Axolotl hands every loaded plugin the unparsed config before validating it
+        (0.19: plugins the config lists; 0.21: those and every installed entry point):
+        refuse misspelt otr keys and bad values here, as one clean line (``args.py``)."""
+        from .args import check_config
+
+        check_config(cfg)
+
     def get_input_args(self) -> str:
         return "axolotl_otr.args.OTRArgs"
+
+    def pre_lora_load(self, cfg: Any, model: Any) -> None:
+        """Seed the adapter's initialisation with ``seed``, as Axolotl 0.21 does itself.
+
+        Axolotl 0.19 creates the LoRA weights from an unseeded generator, so two runs of
+        one config differ from the first update on. Only under ``otr: true`` (the non-OTR
+        path stays Axolotl's), and only when the config sets ``seed``.
+        """
+        if cfg.get("otr") and cfg.get("seed") is not None:
+            from transformers import set_seed
+
+            set_seed(int(cfg.get("seed")))
 
     def get_trainer_cls(self, cfg: Any) -> type | None:
         if not cfg.get("otr"):
