@@ -106,7 +106,8 @@ test-experiments: setup
 # tests/e2e/test_install.py: the README's "Use it in your own Axolotl" (a wheel and a git
 # URL installed into that venv, `axolotl train` from outside this tree).
 AX021_TESTS := tests/unit/test_args.py tests/unit/test_plugin.py tests/e2e/test_axolotl_train.py \
-	tests/e2e/test_axolotl_compat.py tests/e2e/test_example_configs.py tests/e2e/test_install.py
+	tests/e2e/test_axolotl_compat.py tests/e2e/test_example_configs.py tests/e2e/test_install.py \
+	tests/unit/test_config_mistakes.py tests/hf/test_perplexity.py tests/e2e/test_careless_user.py
 test-ax021:
 	bash .ci/setup-axolotl-0.21.sh .venv-ax021 $(QUIET_PIP)
 	OTR_USER_INSTALL_TEST=1 .venv-ax021/bin/python -m pytest -q -ra $(AX021_TESTS)

@@ -55,6 +55,8 @@ from ..scaling import (
     window_loss,
     world_factor,
 )
+from .perplexity import without_loss_perplexity
+from .run_guard import RunGuard
 from .sampler import OTRSamplerState, StepSampler
 from .training_choices import select_best_on_ce
 
@@ -122,6 +124,7 @@ class OTRTrainerMixin:
         self._otr_first_window_read = False
         self.compute_loss_func = self._otr_loss_func
         self.add_callback(OTRSamplerState(settings.seed))
+        self.add_callback(RunGuard(self))  # no targets, NaN, collapse: run_guard.py
         # Not the OTR loss: training_choices.py.
         best = select_best_on_ce(self.args, named=self.otr_named_best_metric)
         if best is not None:  # a change of what the user's run keeps: say it loudly
@@ -279,6 +282,8 @@ class OTRTrainerMixin:
         first = training_log or "train_loss" in logs
         if self.otr_settings is not None and first and not self._otr_first_window_read:
             logs.update(self._otr_read_first_window())
+        if self.otr_settings is not None:  # no exp(OTR loss) as "ppl": perplexity.py
+            logs = without_loss_perplexity(self, logs)
         return super().log(logs, *args, **kwargs)
 
     def _otr_read_first_window(self) -> dict[str, float]:

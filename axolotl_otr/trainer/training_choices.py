@@ -19,15 +19,19 @@ documented extension points only:
 - Axolotl's ``loss_watchdog_threshold`` (``LossWatchDogCallback``) watches the training
   ``loss``; ``CELossWatchDog`` applies the same threshold and patience, the same way
   (at each step end, to the latest training log), to ``otr/ce``, and replaces Axolotl's
-  callback in the trainer's callback list (``Trainer.pop_callback``).
+  callback in the trainer's callback list (``Trainer.pop_callback``). A NaN stops it at
+  once, and its stop ends the run non-zero, unsaved (``CELossWatchDog``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .run_guard import stop_run
 
 LOG = logging.getLogger("axolotl.otr")
 
@@ -73,32 +77,55 @@ class CELossWatchDog(TrainerCallback):
 
     The same rule as Axolotl's ``LossWatchDogCallback``: at each step end, if the latest
     log is a training log and its value is above ``threshold``, count a violation (else
-    reset the count); ``patience`` violations in a row stop training.
+    reset the count); ``patience`` violations in a row stop training, at that step. Two
+    differences: a NaN or Inf ``otr/ce`` or loss stops at once, at the log that shows it
+    (a comparison with NaN is false, so Axolotl's rule never fires on it), and a stop
+    raises ``OTRRunStopped`` (``run_guard.py``): the run ends non-zero and is not saved or
+    reported as completed.
+    The stop asks the Trainer to log that step (``control.should_log``) and raises once
+    the log is out (``on_log``), so the step's line is printed, as a stopped
+    cross-entropy run prints it.
     """
 
     def __init__(self, threshold: float, patience: int | None = None) -> None:
         self.threshold = threshold
         self.patience = patience or 3  # Axolotl's default
         self.violations = 0
+        self.stopping: str | None = None  # why, once decided
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
     ) -> TrainerControl:
         last = state.log_history[-1] if state.log_history else {}
-        if TRAIN_CE not in last:
-            return control
-        if last[TRAIN_CE] > self.threshold:
-            self.violations += 1
+        if TRAIN_CE in last and self.stopping is None:
+            if last[TRAIN_CE] > self.threshold:
+                self.violations += 1
+            else:
+                self.violations = 0
             if self.violations >= self.patience:
-                LOG.warning(
-                    "OTR: %s %.4f above loss_watchdog_threshold %s for %d steps in a row, "
-                    "stopping training (loss_watchdog_threshold)",
-                    TRAIN_CE, last[TRAIN_CE], self.threshold, self.violations,
-                )  # fmt: skip
-                control.should_training_stop = True
-        else:
-            self.violations = 0
+                self.stopping = (
+                    f"{TRAIN_CE} {last[TRAIN_CE]:.4f} above loss_watchdog_threshold "
+                    f"{self.threshold} for {self.violations} steps in a row, stopping training "
+                    "(loss_watchdog_threshold)"
+                )
+        if self.stopping is not None:
+            control.should_log = True
         return control
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs,
+    ) -> None:
+        for key in (TRAIN_CE, "loss"):
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(value):
+                self.stopping = f"{key} is {value}, stopping training (loss_watchdog_threshold)"
+        if self.stopping is not None:
+            stop_run(state, self.stopping)
 
 
 def watch_ce(trainer: Any, threshold: float | None, patience: int | None) -> None:

@@ -51,18 +51,33 @@ def test_axolotl_keeps_the_adapter_with_the_lowest_eval_ce(tiny_config, tmp_path
 @pytest.mark.integration
 def test_loss_watchdog_stops_an_otr_run_as_it_stops_a_ce_run(tiny_config, tmp_path):
     from tests.support.axolotl_cli import run_axolotl_train, write_config
+    from tests.support.examples import parse_logs
+    from tests.support.failed_run import last_line_before_the_launcher, run_axolotl_train_failing
 
     watchdog = dict(loss_watchdog_threshold=0.01, loss_watchdog_patience=2, max_steps=6)
-    stopped = {}
+    runs = {}
     for otr in (False, True):
         cfg = tiny_config(
             otr=otr, output_dir=str(tmp_path / f"out-{otr}"),
             dataset_prepared_path=str(tmp_path / f"prep-{otr}"), **watchdog,
         )  # fmt: skip
-        output, logs = run_axolotl_train(write_config(cfg, tmp_path / f"dog-{otr}.yml"))
-        stopped[otr] = [log for log in logs if "loss" in log]
+        path = write_config(cfg, tmp_path / f"dog-{otr}.yml")
+        if otr:
+            lines = run_axolotl_train_failing(path)
+            output, logs = "\n".join(lines), parse_logs("\n".join(lines))
+        else:
+            output, logs = run_axolotl_train(path)
+        runs[otr] = output, [log for log in logs if "loss" in log]
         assert "stopping training (loss_watchdog_threshold)" in output, output[-3000:]
     # Axolotl's rule (at a step's end, the latest log) stops the CE run at step 3; the
     # OTR run, whose cross-entropy is as far above 0.01, stops at the same step.
-    assert len(stopped[False]) == len(stopped[True]) == 3
-    assert all(log["otr/ce"] > 0.01 > log["loss"] for log in stopped[True])
+    assert len(runs[False][1]) == len(runs[True][1]) == 3
+    assert all(log["otr/ce"] > 0.01 > log["loss"] for log in runs[True][1])
+    # Axolotl saves the stopped CE run as a completed one; the OTR stop ends non-zero with
+    # its message last, and no adapter is written as the final model.
+    assert "Training completed!" in runs[False][0]
+    assert (tmp_path / "out-False" / "adapter_model.safetensors").exists()
+    message, _ = last_line_before_the_launcher(lines)
+    assert "OTR stopped the run at step 3" in message and "loss_watchdog_threshold" in message
+    assert "Training completed!" not in runs[True][0]
+    assert not (tmp_path / "out-True" / "adapter_model.safetensors").exists()

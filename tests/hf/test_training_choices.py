@@ -10,10 +10,12 @@ cross-entropy run stops.
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 from transformers import EarlyStoppingCallback, TrainerControl, TrainerState, TrainingArguments
 
+from axolotl_otr.trainer.run_guard import OTRRunStopped
 from axolotl_otr.trainer.training_choices import CELossWatchDog, select_best_on_ce
 from tests.support.trainer_setup import build_trainer, make_examples
 
@@ -78,9 +80,14 @@ def test_attached_trainer_early_stops_on_the_cross_entropy(tiny_dir, tmp_path, c
 
 
 def _step_end(watchdog: CELossWatchDog, history: list[dict]) -> bool:
+    """Whether the watchdog decided to stop at this step end (it then asks for a log)."""
     control = TrainerControl()
     watchdog.on_step_end(None, TrainerState(log_history=history), control)
-    return control.should_training_stop
+    return control.should_log
+
+
+def _log(watchdog: CELossWatchDog, logs: dict) -> None:
+    watchdog.on_log(None, TrainerState(global_step=logs.get("step", 0)), TrainerControl(), logs)
 
 
 def test_ce_watchdog_follows_axolotls_rule_on_the_cross_entropy():
@@ -95,7 +102,21 @@ def test_ce_watchdog_follows_axolotls_rule_on_the_cross_entropy():
     assert not _step_end(watchdog, history)
     history.append({"loss": -0.64, "otr/ce": 6.6, "step": 4})
     assert _step_end(watchdog, history)
+    # The stop raises once the step is logged: the run ends non-zero, and Axolotl neither
+    # saves nor reports it as a completed training (should_training_stop would end
+    # train() normally).
+    with pytest.raises(OTRRunStopped, match="above loss_watchdog_threshold 6.0 for 2 steps"):
+        _log(watchdog, {"loss": -0.64, "otr/ce": 6.7, "step": 5})
     assert CELossWatchDog(threshold=1.0).patience == 3  # Axolotl's default patience
+
+
+@pytest.mark.parametrize("key", ["otr/ce", "loss"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_ce_watchdog_stops_at_once_on_nan_or_inf(key, value):
+    # A comparison with NaN is false: Axolotl's rule (and this one before) never fired.
+    watchdog = CELossWatchDog(threshold=6.0, patience=5)
+    with pytest.raises(OTRRunStopped, match=f"{key} is {value}"):
+        _log(watchdog, {"loss": -0.64, "otr/ce": 3.0, key: value, "step": 1})
 
 
 # ---- through `axolotl train` ---------------------------------------------------------
