@@ -92,11 +92,15 @@ class ShardedHead:
         before the engine wraps it with its gathering hooks. Here each module's own
         parameters are gathered for its forward and released after it, as the engine does,
         so only one layer and the head are whole at a time; the head stays whole for the
-        block. FSDP2: a model already wrapped keeps its head unsharded for the probe (as
-        for the loss) and is resharded after it. Unpartitioned models: nothing to do.
+        block. FSDP2: a model already wrapped has the unit that owns its head unsharded
+        before the probe (``FSDPModule.unshard()``: the probe reads the head before its
+        forward), kept so through the forward (as for the loss) and resharded after it.
+        Unpartitioned models: nothing to do.
         """
         if self.engine == FSDP2:
             self.before_forward(model)
+            if self.unit is not None:  # the probe reads the head before the forward
+                self.unit.unshard()
             try:
                 yield
             finally:
