@@ -10,6 +10,7 @@ a loss that is its own micro-batch mean, and the model's router (MoE) term.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -66,9 +67,20 @@ def auxiliary_loss(aux: torch.Tensor, *, steps: int, world: int) -> torch.Tensor
     return aux.mean() / (steps * world)
 
 
+def sequence_split(args: Any) -> int:
+    """How many processes share each sequence (context or sequence parallelism): the
+    Trainer's ``parallelism_config`` (``cp_size`` x ``sp_size``), or Axolotl's
+    ``context_parallel_size``, which reaches accelerate through the environment
+    (``PARALLELISM_CONFIG_CP_SIZE``, axolotl/utils/trainer.py) and not the arguments."""
+    config = getattr(args, "parallelism_config", None)
+    split = (getattr(config, "cp_size", None) or 1) * (getattr(config, "sp_size", None) or 1)
+    return max(split, int(os.environ.get("PARALLELISM_CONFIG_CP_SIZE") or 1))
+
+
 def count_across_processes(args: Any) -> str | None:
     """Have the Trainer count the window's target tokens over every process; returns the
-    line to log when that changed the arguments (None when nothing changed).
+    line to log when that changed the arguments, or when it was left off for context
+    parallelism (None when there is nothing to say).
 
     ``otr_normalization: token`` promises the mean over the global batch's target tokens,
     so that N processes take the gradient of one process with the same global batch.
@@ -81,10 +93,20 @@ def count_across_processes(args: Any) -> str | None:
     so turning it on when OTR attaches changes only how OTR's loss is normalized; the
     ``sequence`` normalization's count follows the same switch (``get_batch_samples``).
     One process alone (``world_size`` 1) and DataParallel in one process are left as
-    they are.
+    they are. So is context / sequence parallelism (``sequence_split`` > 1): Axolotl
+    slices the labels only in a pre-forward hook, after the Trainer counted them, so
+    every process of a group would count the same whole sequences and the gathered
+    count would be that many times too large.
     """
     if args.average_tokens_across_devices or args.world_size <= 1 or args.n_gpu > 1:
         return None
+    split = sequence_split(args)
+    if split > 1:
+        return (
+            f"otr: average_tokens_across_devices left false: {split} processes share each "
+            "sequence (context parallelism), and their counts would repeat the same "
+            "tokens; each process normalizes by its own target tokens"
+        )
     args.average_tokens_across_devices = True
     return (
         f"otr: average_tokens_across_devices set to true ({args.world_size} processes): "

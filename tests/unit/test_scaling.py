@@ -100,3 +100,26 @@ def test_token_counts_are_taken_over_every_process(averaged, world_size, n_gpu, 
     line = count_across_processes(args)
     assert (line is not None) == switched
     assert args.average_tokens_across_devices == (averaged or switched)
+
+
+@pytest.mark.parametrize(
+    ("environment", "config", "split"),
+    [
+        ("2", None, 2),  # Axolotl's context_parallel_size: 2, passed to accelerate by env
+        (None, SimpleNamespace(cp_size=2, sp_size=1), 2),  # the Trainer's own config
+        (None, SimpleNamespace(cp_size=1, sp_size=2), 2),  # DeepSpeed sequence parallel
+        (None, SimpleNamespace(cp_size=1, sp_size=1), 1),  # tensor parallel only: counted
+    ],
+)
+def test_context_parallelism_leaves_the_count_per_process(environment, config, split, monkeypatch):
+    """Processes sharing a sequence count its whole labels each (Axolotl slices them
+    after the count): the switch stays off, with a line saying why."""
+    monkeypatch.delenv("PARALLELISM_CONFIG_CP_SIZE", raising=False)
+    if environment is not None:
+        monkeypatch.setenv("PARALLELISM_CONFIG_CP_SIZE", environment)
+    args = SimpleNamespace(
+        average_tokens_across_devices=False, world_size=4, n_gpu=0, parallelism_config=config
+    )
+    line = count_across_processes(args)
+    assert args.average_tokens_across_devices == (split == 1)
+    assert ("left false" in line) == (split > 1), line
