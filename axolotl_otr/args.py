@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .objective import (
     DEFAULT_BETA,
@@ -37,6 +44,16 @@ from .objective import (
     check_temperature,
     read_number,
 )
+
+# The numeric keys: (integer key, the check of objective.py that names its range).
+NUMERIC_KEYS = {
+    "otr_num_samples": (True, check_num_samples),
+    "otr_temperature": (False, check_temperature),
+    "otr_beta": (False, check_beta),
+    "otr_sft_mix": (False, check_sft_mix),
+    "otr_chunk_size": (True, check_chunk_size),
+    "otr_seed": (True, check_seed),
+}
 
 # Axolotl options that replace the loss function or the lm_head/loss computation.
 # With OTR on they would either silently bypass OTR or be bypassed by it, so they are
@@ -128,35 +145,11 @@ class OTRArgs(BaseModel):
 
     # Numeric keys: one rule for all (objective.read_number), checked before pydantic's
     # own lax conversion could turn `true` into 1 or 64.0 into 64 for some keys only.
-    @field_validator("otr_num_samples", mode="before")
+    @field_validator(*NUMERIC_KEYS, mode="before")
     @classmethod
-    def _check_num_samples(cls, value: Any) -> Any:
-        return check_num_samples(read_number(value, integer=True))
-
-    @field_validator("otr_temperature", mode="before")
-    @classmethod
-    def _check_temperature(cls, value: Any) -> Any:
-        return check_temperature(read_number(value, integer=False))
-
-    @field_validator("otr_beta", mode="before")
-    @classmethod
-    def _check_beta(cls, value: Any) -> Any:
-        return check_beta(read_number(value, integer=False))
-
-    @field_validator("otr_sft_mix", mode="before")
-    @classmethod
-    def _check_sft_mix(cls, value: Any) -> Any:
-        return check_sft_mix(read_number(value, integer=False))
-
-    @field_validator("otr_chunk_size", mode="before")
-    @classmethod
-    def _check_chunk_size(cls, value: Any) -> Any:
-        return check_chunk_size(read_number(value, integer=True))
-
-    @field_validator("otr_seed", mode="before")
-    @classmethod
-    def _check_seed(cls, value: Any) -> Any:
-        return check_seed(read_number(value, integer=True))
+    def _check_number(cls, value: Any, info: ValidationInfo) -> Any:
+        integer, check = NUMERIC_KEYS[info.field_name]
+        return check(read_number(value, integer=integer))
 
     @field_validator("otr_compile", mode="before")
     @classmethod
