@@ -55,8 +55,8 @@ class ShardedHead:
     """Gives the loss the whole lm_head of one micro-batch under ``engine``.
 
     ``before_forward(model)`` before each forward pass whose loss takes the hidden-state
-    path; ``with full():`` around the loss. ``gathers`` counts the gathers this class
-    makes itself (ZeRO-3: one per loss; FSDP2: none, the forward's gather is reused).
+    path; ``with full():`` around the loss (ZeRO-3: one gather per loss; FSDP2: none,
+    the forward's gather is reused; counted in ``tests/distributed/test_engines.py``).
     """
 
     def __init__(self, engine: str, head: nn.Module) -> None:
@@ -65,7 +65,6 @@ class ShardedHead:
         self.engine = engine
         self.head = head
         self.unit: nn.Module | None = None  # FSDP2: the unit that owns the head
-        self.gathers = 0
 
     def before_forward(self, model: nn.Module) -> None:
         """FSDP2: keep the head's unit unsharded after its forward (once; the engine wraps
@@ -146,7 +145,6 @@ class ShardedHead:
             import deepspeed
 
             params = [p for p in self.head.parameters() if hasattr(p, "ds_id")]
-            self.gathers += 1
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 yield
             return

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 ENGINES = ("ddp", "fsdp2", "zero2", "zero3")
@@ -35,13 +36,15 @@ CHUNK = 16  # positions per chunk: several chunks per micro-batch
 
 def _deepspeed_config(stage: int) -> dict:
     return {
-        "zero_optimization": {"stage": stage},
         "train_micro_batch_size_per_gpu": "auto",
         "train_batch_size": "auto",
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
+        # every parameter partitioned, the tiny lm_head too (below the default 1e5
+        # elements ZeRO-3 would keep it whole, and the loss would gather nothing)
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
     }
 
 
@@ -72,6 +75,53 @@ def _switch_to_fsdp(trainer) -> None:
     trainer.is_fsdp_enabled = True
 
 
+def _count_head_gathers(model, sharded) -> list[int]:
+    """ZeRO-3: the all-gathers of the lm_head that DeepSpeed really makes inside each loss
+    (one entry per loss), counted at DeepSpeed's own entry points (every partitioned
+    parameter's ``all_gather`` and ``all_gather_coalesced``: ``GatheredParameters`` and
+    the engine's hooks call them) when the head is among the parameters and still only a
+    partition, not the plugin's own count."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    head = list(sharded.head.parameters())
+    per_loss: list[int] = []
+    inside = [False]
+
+    def spy(param, name: str) -> None:
+        method = getattr(param, name)
+
+        def counting(*args, **kwargs):
+            params = kwargs.get("param_list", kwargs.get("params"))
+            params = params if params is not None else (args[0] if args else [param])
+            if inside[0] and any(
+                q is h and q.ds_status == ZeroParamStatus.NOT_AVAILABLE
+                for q in params
+                for h in head
+            ):
+                per_loss[-1] += 1
+            return method(*args, **kwargs)
+
+        setattr(param, name, counting)
+
+    for param in (p for p in model.parameters() if hasattr(p, "ds_id")):
+        spy(param, "all_gather")
+        spy(param, "all_gather_coalesced")
+    full = sharded.full
+
+    @contextmanager
+    def counted_full():
+        per_loss.append(0)
+        inside[0] = True
+        try:
+            with full():
+                yield
+        finally:
+            inside[0] = False
+
+    sharded.full = counted_full
+    return per_loss
+
+
 def _whole_lora_weights(model) -> dict:
     """Every LoRA weight, whole, on every rank (FSDP2 and ZeRO-3 gather them)."""
     import torch
@@ -92,6 +142,22 @@ def _whole_lora_weights(model) -> dict:
             weights[name] = param.detach().clone()
         weights[name] = weights[name].to(torch.float32)
     return weights
+
+
+def _dtensor_probe():
+    """A callback that records whether a LoRA parameter of the model the Trainer trains is
+    a DTensor at a step's end (``seen``): FSDP2 really sharded it, not a silent DDP."""
+    from torch.distributed.tensor import DTensor
+    from transformers import TrainerCallback
+
+    class DTensorProbe(TrainerCallback):
+        seen = False
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            lora = (p for name, p in model.named_parameters() if "lora_" in name)
+            self.seen = self.seen or any(isinstance(p, DTensor) for p in lora)
+
+    return DTensorProbe()
 
 
 def train(engine: str, model_dir: str, adapter: str, out: Path, micro_batch: int, acc: int, otr):
@@ -146,11 +212,17 @@ def train(engine: str, model_dir: str, adapter: str, out: Path, micro_batch: int
     )
     if engine == "fsdp2":
         _switch_to_fsdp(trainer)
+    per_loss = None
     if otr:
         settings = OTRSettings(Objective(estimator="exact"), chunk_size=CHUNK)
         install_otr(trainer, settings)
+        sharded = getattr(trainer.output_layer, "sharded", None)
+        if engine == "zero3" and sharded is not None:
+            per_loss = _count_head_gathers(model, sharded)
     logs = LogRecorder()
     trainer.add_callback(logs)
+    dtensors = _dtensor_probe()
+    trainer.add_callback(dtensors)
     trainer.train()
     # evaluation takes the training's route (the hidden-state path when no logits are kept)
     metrics = trainer.evaluate()
@@ -160,6 +232,7 @@ def train(engine: str, model_dir: str, adapter: str, out: Path, micro_batch: int
         "weights": _whole_lora_weights(trainer.model),
         "world": trainer.args.world_size,
         "partitioned_at_load": partitioned,
+        "lora_dtensor_in_training": dtensors.seen,
     }
     if otr:
         layer = trainer.output_layer
@@ -167,7 +240,9 @@ def train(engine: str, model_dir: str, adapter: str, out: Path, micro_batch: int
         record["reason"] = layer.reason
         sharded = getattr(layer, "sharded", None)  # (absent before issue 34)
         record["sharded"] = None if sharded is None else sharded.engine
-        record["loss_gathers"] = 0 if sharded is None else sharded.gathers
+        # FSDP2: the unit that owns the head was found in the model the Trainer ran
+        record["unit_found"] = getattr(sharded, "unit", None) is not None
+        record["head_gathers_per_loss"] = per_loss
     return record
 
 
