@@ -40,7 +40,13 @@ CPU_CONFIGS = ("tiny-cpu-lora.yml", "smollm2-135m-otr-lora.yml")
 # The OTR versions of Axolotl's own examples (tests/family_configs.py): settings as in
 # Axolotl's example, checked by their own tests (tests/e2e/test_family_configs.py).
 FAMILY = [path for path in EXAMPLES if path.name in FAMILY_CONFIGS]
-SHARED = [path for path in EXAMPLES if path.name not in CPU_CONFIGS and path not in FAMILY]
+# The multi-GPU versions of an Axolotl example (issue 34): its settings, an engine added.
+SHARDED = [path for path in EXAMPLES if re.search(r"-(fsdp2|zero3)\.yml$", path.name)]
+SHARED = [
+    path
+    for path in EXAMPLES
+    if path.name not in CPU_CONFIGS and path not in FAMILY and path not in SHARDED
+]
 DEMO_CONFIG = CONFIG_DIR / "smollm2-135m-otr-lora.yml"
 
 # base_model -> the Hugging Face model_type of that checkpoint (a new base model
@@ -140,9 +146,20 @@ def load_example(tiny_dir, tiny_models, tmp_path, monkeypatch):
     """Load an example through Axolotl's load_cfg with only the unreachable parts swapped."""
     import axolotl.cli.config as axolotl_config
     import axolotl.utils.config as axolotl_utils_config
+    import axolotl.utils.trainer as axolotl_trainer
 
     def load(path: Path, n_gpu: int = 1, **overrides):
         monkeypatch.setattr(axolotl_config, "gpu_capabilities", lambda: target_gpus(n_gpu))
+        # After validation, load_cfg prepares the launcher's environment; for DeepSpeed
+        # that starts a process group (NCCL, in this pytest process). Only that step is
+        # replaced: it records the ZeRO stage Axolotl read from the config's JSON.
+        monkeypatch.setattr(
+            axolotl_trainer,
+            "setup_deepspeed_env",
+            lambda cfg, stage=None: deepspeed_envs.append(stage),
+        )
+        # A `deepspeed:` path is relative to where `axolotl train` runs: the repository root.
+        monkeypatch.chdir(REPO)
         # `bf16: auto` (Axolotl's own examples) asks torch directly; the same card answers.
         monkeypatch.setattr(axolotl_utils_config, "is_torch_bf16_gpu_available", lambda: True)
         raw = yaml.safe_load(path.read_text())
@@ -163,6 +180,8 @@ def load_example(tiny_dir, tiny_models, tmp_path, monkeypatch):
         written.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return raw, axolotl_config.load_cfg(str(written))
 
+    deepspeed_envs: list = []
+    load.deepspeed_envs = deepspeed_envs
     return load
 
 
@@ -175,7 +194,7 @@ def test_the_shared_configs_are_there():
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda path: path.name)
 def test_example_validates_with_axolotl_and_keeps_its_otr_keys(load_example, path):
-    raw, cfg = load_example(path)
+    raw, cfg = load_example(path, n_gpu=2 if path in SHARDED else 1)
     assert cfg.model_config_type == architecture(raw["base_model"])
 
     otr_keys = {key: value for key, value in raw.items() if key.startswith("otr")}
@@ -229,6 +248,49 @@ def test_readme_fsdp_block_validates_on_two_gpus(load_example, path):
     assert cfg.fsdp_version == 2
     assert cfg.fsdp_config.transformer_layer_cls_to_wrap == layer
     assert cfg.otr is True
+
+
+# Keys that pick the engine; a sharded pair's files differ in these alone.
+ENGINE_KEYS = ("fsdp", "fsdp_version", "fsdp_config", "deepspeed")
+
+
+def test_the_sharded_configs_are_there():
+    names = {path.name for path in SHARDED}
+    assert {"llama-3-70b-otr-qlora-fsdp2.yml", "llama-3-70b-otr-qlora-zero3.yml"} <= names
+
+
+@pytest.mark.parametrize("path", SHARDED, ids=lambda path: path.name)
+def test_sharded_config_loads_its_engine_on_two_gpus_with_a_frozen_head(load_example, path):
+    """What docs/multi-gpu.md promises these files: the engine their name says, and a
+    frozen lm_head (an adapter that neither targets nor saves it), the case OTR keeps on
+    the hidden-state path under FSDP2 and ZeRO-3."""
+    raw, cfg = load_example(path, n_gpu=2)
+    assert cfg.adapter in ("lora", "qlora")
+    assert "lm_head" not in (cfg.lora_target_modules or [])
+    assert "lm_head" not in (cfg.lora_modules_to_save or [])
+    if path.stem.endswith("-fsdp2"):
+        assert cfg.fsdp_version == 2 and cfg.fsdp_config.reshard_after_forward is True
+        assert not raw.get("fsdp") and not cfg.deepspeed  # FSDP2 keys only
+        assert load_example.deepspeed_envs == []
+    else:
+        # The JSON ships next to the examples and Axolotl read its stage from it.
+        assert (REPO / raw["deepspeed"]).parent == CONFIG_DIR / "deepspeed"
+        assert cfg.deepspeed["zero_optimization"]["stage"] == 3
+        assert load_example.deepspeed_envs == [3]
+        assert not cfg.fsdp_config
+    assert path.name in (CONFIG_DIR / "README.md").read_text()
+
+
+def test_a_sharded_pair_differs_only_in_the_engine():
+    """The FSDP2 and ZeRO-3 files of one example say so in their headers."""
+    pairs: dict[str, list[dict]] = {}
+    for path in SHARDED:
+        raw = yaml.safe_load(path.read_text())
+        stem = re.sub(r"-(fsdp2|zero3)$", "", path.stem)
+        pairs.setdefault(stem, []).append({k: v for k, v in raw.items() if k not in ENGINE_KEYS})
+    assert pairs
+    for stem, configs in pairs.items():
+        assert len(configs) == 2 and configs[0] == configs[1], stem
 
 
 def test_a_bad_otr_value_in_an_example_still_fails_at_load(load_example):
