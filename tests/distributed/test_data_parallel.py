@@ -7,32 +7,24 @@ same gradients and logged loss as one process with the whole batch: the target t
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from axolotl_otr.metrics import FIRST_WINDOW_KEYS
+from tests.support.torchrun import torchrun
 
 pytestmark = pytest.mark.integration
 
 WORKER = "tests.distributed.ddp_worker"  # run as a module from the repository root
-REPO = Path(__file__).resolve().parents[2]
 
 
 def run(
     tiny_dir, out: Path, processes: int, micro_batch: int, accumulation: int, norm: str, **env_extra
 ):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env_extra}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-        "--master_port", str(29500 + os.getpid() % 1000 + processes),
-        "-m", WORKER, str(tiny_dir / "model"), str(out), str(micro_batch), str(accumulation), norm,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    args = [tiny_dir / "model", out, micro_batch, accumulation, norm]
+    proc = torchrun(WORKER, args, processes, timeout=600, **env_extra)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     return torch.load(out)
 

@@ -28,17 +28,15 @@ C++ op (80-110 s), which torch caches in ``~/.cache/torch_extensions`` (or
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.support.torchrun import torchrun
+
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 WORKER = "tests.distributed.engine_worker"
 SHARDED = {"fsdp2": "FSDP2", "zero3": "DeepSpeed ZeRO-3"}
 MICRO_BATCHES_PER_PROCESS = 2 * 2  # 2 steps x 2 accumulation micro-batches
@@ -48,14 +46,8 @@ EVAL_BATCHES_PER_PROCESS = 1  # 8 sequences, 2 processes, 4 per batch
 def launch(engine: str, processes: int, micro_batch: int, accumulation: int, tiny, adapter, out):
     # DeepSpeed's compiled op goes where torch keeps extensions (TORCH_EXTENSIONS_DIR, by
     # default ~/.cache/torch_extensions): built once per machine, kept across clones.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-        "--master_port", str(27500 + os.getpid() % 1000 + 10 * processes),
-        "-m", WORKER, engine, str(tiny / "model"), str(adapter), str(out),
-        str(micro_batch), str(accumulation),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    args = [engine, tiny / "model", adapter, out, micro_batch, accumulation]
+    proc = torchrun(WORKER, args, processes, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     return torch.load(out, weights_only=False)
 

@@ -44,32 +44,26 @@ one process hangs under plain CE too (the loop gathers), and no callback does it
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.support.torchrun import torchrun
+
 pytestmark = pytest.mark.integration
 
 WORKER = "tests.distributed.eval_worker"  # run as a module from the repository root
-REPO = Path(__file__).resolve().parents[2]
 OTR_KEYS = ("eval_otr/ce", "eval_otr/p_target", "eval_otr/hit_rate", "eval_otr/entropy")
 
 
 def run(tiny_dir, out: Path, processes: int, eval_batch: int, *mode: str) -> dict:
     """Launch the worker; its return code, output tail and whatever rank 0 saved."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-        "--master_port", str(28500 + os.getpid() % 1000 + processes),
-        "-m", WORKER, str(tiny_dir / "model"), str(out), str(eval_batch), *mode,
-    ]  # fmt: skip
+    args = [tiny_dir / "model", out, eval_batch, *mode]
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        proc = torchrun(WORKER, args, processes, timeout=300)
         returncode, output = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as err:
         returncode, output = None, f"timed out after 300 s: {err.stdout!s}"
