@@ -21,12 +21,19 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # folders it cannot find; drop those lines, keep everything else pip says.
 QUIET_PIP := 2>&1 | sed '/^WARNING: Location .* is ignored/d'
 MATPLOTLIB_VERSION ?= 3.11.2
+# Tests run in TEST_WORKERS processes (pytest-xdist), whole files to a process
+# (`--dist loadfile`: a file's module fixtures, such as a shared training run, are built
+# once). Most of the suite's time is `axolotl train` and torchrun subprocesses that wait
+# on one core each; 2 matches this 2-core machine (each worker may start 2 processes).
+XDIST_VERSION ?= 3.8.0
+TEST_WORKERS ?= 2
+PYTEST := $(VENV)/bin/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --durations=15
 # DeepSpeed for tests/distributed/test_engines.py (ZeRO-3 on 2 CPU processes), the newest
 # release Axolotl 0.19's `deepspeed` extra allows (>=0.18.6,<0.19). Installed --no-deps
 # with its small pure-Python requirements listed: its metadata names an unpinned torch.
 DEEPSPEED_VERSION ?= 0.18.9
 DEEPSPEED_DEPS := hjson msgpack ninja py-cpuinfo
-STAMP_DEPS := $(VENV)/.deps-$(AXOLOTL_VERSION)-mpl$(MATPLOTLIB_VERSION)-ds$(DEEPSPEED_VERSION)
+STAMP_DEPS := $(VENV)/.deps-$(AXOLOTL_VERSION)-mpl$(MATPLOTLIB_VERSION)-ds$(DEEPSPEED_VERSION)-xdist$(XDIST_VERSION)
 STAMP_PKG := $(VENV)/.otr-installed
 PKG_SOURCES := pyproject.toml _axolotl_otr_alias.py axolotl_otr_alias.pth \
 	$(wildcard axolotl_otr/*.py axolotl_otr/*/*.py) \
@@ -44,8 +51,8 @@ setup: $(STAMP_PKG)
 $(STAMP_DEPS):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==$(TORCH_VERSION) $(QUIET_PIP)
-	$(PIP) install -q axolotl==$(AXOLOTL_VERSION) "pytest>=8" "ruff>=0.5" \
-		matplotlib==$(MATPLOTLIB_VERSION) $(QUIET_PIP)
+	$(PIP) install -q axolotl==$(AXOLOTL_VERSION) "pytest>=8" pytest-xdist==$(XDIST_VERSION) \
+		"ruff>=0.5" matplotlib==$(MATPLOTLIB_VERSION) $(QUIET_PIP)
 	$(PIP) install -q $(DEEPSPEED_DEPS) $(QUIET_PIP)
 	$(PIP) install -q --no-deps --no-build-isolation deepspeed==$(DEEPSPEED_VERSION) $(QUIET_PIP)
 	touch $@
@@ -92,15 +99,15 @@ demo-tiny: setup
 
 # demo-deps: the reduced real-model demo test (tests/e2e/test_demo_smollm2.py) runs in CI.
 test: setup demo-deps
-	$(PY) -m pytest -q -ra
+	$(PYTEST)
 
 test-fast: setup
-	$(PY) -m pytest -q -ra -m "not integration"
+	$(PYTEST) -m "not integration"
 
 # The OTR-vs-SFT study's own tests (experiments/otr_vs_sft/tests/: its scorers, statistics,
 # map tables and the --quick pipeline), apart from the plugin's (`make test`, testpaths).
 test-experiments: setup
-	$(PY) -m pytest -q -ra experiments/otr_vs_sft/tests
+	$(PYTEST) experiments/otr_vs_sft/tests
 
 # The Axolotl-facing tests again, against Axolotl 0.21.0 in a second venv.
 # tests/e2e/test_install.py: the README's "Use it in your own Axolotl" (a wheel and a git
@@ -110,7 +117,7 @@ AX021_TESTS := tests/unit/test_args.py tests/unit/test_plugin.py tests/e2e/test_
 	tests/unit/test_config_mistakes.py tests/hf/test_perplexity.py tests/e2e/test_careless_user.py
 test-ax021:
 	bash .ci/setup-axolotl-0.21.sh .venv-ax021 $(QUIET_PIP)
-	OTR_USER_INSTALL_TEST=1 .venv-ax021/bin/python -m pytest -q -ra $(AX021_TESTS)
+	OTR_USER_INSTALL_TEST=1 $(PYTEST:$(VENV)/bin/python=.venv-ax021/bin/python) $(AX021_TESTS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -11,7 +11,7 @@
 #   2. Axolotl 0.21.0's own requirements, listed explicitly in
 #      .ci/requirements-axolotl-0.21.txt (pinned as 0.21.0 pins them; extras and the
 #      CUDA/Triton-only packages are left out, see that file).
-# Then pytest, and this package as users get it (a wheel, with its .pth).
+# Then pytest (with pytest-xdist), and this package as users get it (a wheel, with its .pth).
 set -euo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -25,6 +25,8 @@ PYTHON=${PYTHON:-python3.11}
 TORCH_VERSION=2.13.0
 AXOLOTL_VERSION=0.21.0
 REQS="$REPO/.ci/requirements-axolotl-0.21.txt"
+# pytest-xdist at the Makefile's pin (its test targets run pytest -n).
+XDIST_VERSION=$(sed -n 's/^XDIST_VERSION ?= //p' "$REPO/Makefile")
 
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -36,15 +38,20 @@ PIP=("$PY" -m pip)
 
 # Dependencies: skipped when the stamp matches the requirement list (same hash).
 stamp="$VENV/.deps-axolotl-$AXOLOTL_VERSION"
-want="torch==$TORCH_VERSION $(sha256sum "$REQS" | cut -d' ' -f1)"
+want="torch==$TORCH_VERSION xdist==$XDIST_VERSION $(sha256sum "$REQS" | cut -d' ' -f1)"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
     "${PIP[@]}" install -q "torch==$TORCH_VERSION"
-    "${PIP[@]}" install -q -r "$REQS" "pytest>=8"
+    "${PIP[@]}" install -q -r "$REQS" "pytest>=8" "pytest-xdist==$XDIST_VERSION"
     "${PIP[@]}" install -q --no-deps --ignore-requires-python "axolotl==$AXOLOTL_VERSION"
     echo "$want" >"$stamp"
 fi
 
-# This package, always reinstalled from the working tree.
+# This package, always reinstalled from the working tree (not with DEPS_ONLY=1: .ci/run
+# builds the dependencies in the background while `make demo` builds this package).
+if [[ "${DEPS_ONLY:-0}" == 1 ]]; then
+    echo "setup-axolotl-0.21: $VENV dependencies ready in $(( $(date +%s) - start ))s"
+    exit 0
+fi
 (cd "$REPO" && "${PIP[@]}" install -q --no-deps --force-reinstall .)
 
 "$PY" - <<'EOF'
