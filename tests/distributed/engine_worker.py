@@ -164,11 +164,11 @@ def train(engine: str, model_dir: str, adapter: str, out: Path, micro_batch: int
     """One training run; what rank 0 saves of it."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, Trainer
 
     from axolotl_otr.objective import Objective, OTRSettings
     from axolotl_otr.trainer import install_otr
-    from tests.support.trainer_setup import LogRecorder, make_examples
+    from tests.support.trainer_setup import LogRecorder, make_examples, trainer_args
 
     if engine.startswith("zero"):
         # A second DeepSpeed Trainer in one process: accelerate refuses a second
@@ -180,22 +180,13 @@ def train(engine: str, model_dir: str, adapter: str, out: Path, micro_batch: int
 
         AcceleratorState._reset_state()
         unset_hf_deepspeed_config()
-    args = TrainingArguments(
-        output_dir=str(out.parent / f"trainer-{'otr' if otr else 'ce'}"),
-        per_device_train_batch_size=micro_batch,
+    args = trainer_args(
+        out.parent / f"trainer-{'otr' if otr else 'ce'}",
+        micro_batch,
+        acc,
         per_device_eval_batch_size=micro_batch * acc,  # one evaluation batch per process
-        gradient_accumulation_steps=acc,
         max_steps=STEPS,
         learning_rate=1e-2,
-        max_grad_norm=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
         **_engine_args(engine),
     )
     # Loaded after the arguments, as under Axolotl: ZeRO-3 partitions it as it loads

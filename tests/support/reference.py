@@ -44,3 +44,21 @@ def reference_loss(logits, labels, num_items=None, **kwargs):
     z, y = shifted(logits, labels)
     losses = per_token_loss(z, y, **kwargs)
     return losses.sum() / (num_items if num_items is not None else max(len(y), 1))
+
+
+def hidden_reference(hidden, weight, labels, estimator: str, draws=None):
+    """The plain loss of ``hidden @ weight.T``; ``draws``: the sampled estimator's tokens."""
+    logits = hidden @ weight.T
+    if estimator == "exact":
+        return reference_loss(logits, labels, estimator="exact")
+    z, y = shifted(logits, labels)
+    return per_token_loss(z, y, estimator="sampled", draws=torch.cat(draws)).mean()
+
+
+def loss_on_path(path: str, hidden, weight, labels, **kwargs):
+    """The package's loss on ``path``: "hidden" (fused with the head) or "logits"."""
+    from axolotl_otr import otr_loss, otr_loss_from_hidden
+
+    if path == "hidden":
+        return otr_loss_from_hidden(hidden, weight, labels, **kwargs)
+    return otr_loss(hidden @ weight.T, labels, **kwargs)

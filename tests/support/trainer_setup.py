@@ -52,6 +52,28 @@ class LogRecorder(TrainerCallback):
         self.logs.append(dict(logs or {}))
 
 
+def trainer_args(output_dir, micro_batch: int, accumulation: int, **overrides) -> TrainingArguments:
+    """The tests' Trainer arguments: one step, CPU, seeded, no saving, logging or workers."""
+    defaults = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=micro_batch,
+        per_device_eval_batch_size=micro_batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        learning_rate=1e-3,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    return TrainingArguments(**{**defaults, **overrides})
+
+
 def build_trainer(
     model_dir,
     output_dir,
@@ -72,27 +94,9 @@ def build_trainer(
     model = AutoModelForCausalLM.from_pretrained(model_dir, **model_kwargs)
     if wrap_model is not None:
         model = wrap_model(model)
-    defaults = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=micro_batch,
-        per_device_eval_batch_size=micro_batch,
-        gradient_accumulation_steps=accumulation,
-        max_steps=1,
-        learning_rate=1e-3,
-        max_grad_norm=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-    defaults.update(arg_overrides)
     trainer = Trainer(
         model=model,
-        args=TrainingArguments(**defaults),
+        args=trainer_args(output_dir, micro_batch, accumulation, **arg_overrides),
         train_dataset=examples,
         eval_dataset=eval_examples,
         data_collator=data_collator,

@@ -17,7 +17,10 @@ from axolotl_otr.args import OTRArgs
 from axolotl_otr.loss import select_targets
 from axolotl_otr.objective import Objective, OTRSettings
 from tests.support.draws import replaying
-from tests.support.reference import per_token_loss, reference_loss, shifted
+from tests.support.reference import (
+    hidden_reference,
+    loss_on_path,
+)
 
 B, T, H, V = 2, 11, 8, 29
 
@@ -39,25 +42,14 @@ def sync_free(monkeypatch):
     monkeypatch.setattr(fused, "_sync_free", lambda device: True)
 
 
-def reference(hidden, weight, labels, estimator, draws):
-    logits = hidden @ weight.T
-    if estimator == "exact":
-        return reference_loss(logits, labels, estimator="exact")
-    z, y = shifted(logits, labels)
-    return per_token_loss(z, y, estimator="sampled", draws=torch.cat(draws)).mean()
-
-
 @pytest.mark.parametrize("chunk_size", [3, 7, 64])
 @pytest.mark.parametrize("estimator", ["exact", "sampled"])
 @pytest.mark.parametrize("path", ["logits", "hidden"])
 def test_sync_free_path_equals_reference(path, estimator, chunk_size, sync_free, recorded_draws):
     hidden, weight, labels = data(0)
     kwargs = dict(estimator=estimator, chunk_size=chunk_size, generator=torch.Generator())
-    if path == "hidden":
-        loss = otr_loss_from_hidden(hidden, weight, labels, **kwargs)
-    else:
-        loss = otr_loss(hidden @ weight.T, labels, **kwargs)
-    ref = reference(hidden, weight, labels, estimator, recorded_draws)
+    loss = loss_on_path(path, hidden, weight, labels, **kwargs)
+    ref = hidden_reference(hidden, weight, labels, estimator, recorded_draws)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     got = torch.autograd.grad(loss, (hidden, weight))
     want = torch.autograd.grad(ref, (hidden, weight))

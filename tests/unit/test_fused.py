@@ -23,7 +23,10 @@ from axolotl_otr.loss import select_targets
 from axolotl_otr.model.output_layer import _layer_accessor
 from axolotl_otr.objective import Objective
 from tests.support.examples import REPO
-from tests.support.reference import per_token_loss, reference_loss, shifted
+from tests.support.reference import (
+    hidden_reference,
+    loss_on_path,
+)
 
 ROOT = str(REPO)
 B, T, H, V = 2, 11, 8, 29
@@ -41,14 +44,6 @@ def data(seed: int, masked: bool):
     return hidden, weight, labels
 
 
-def reference(hidden, weight, labels, estimator, draws=None):
-    logits = hidden @ weight.T
-    if estimator == "exact":
-        return reference_loss(logits, labels, estimator="exact")
-    z, y = shifted(logits, labels)
-    return per_token_loss(z, y, estimator="sampled", draws=torch.cat(draws)).mean()
-
-
 # 1 and 4 do not divide the 20 (masked: 14) scored rows, 5 and 10 divide 20; 7 splits
 # the masked batch at a hole (a gathered chunk); 64 is one chunk.
 @pytest.mark.parametrize("chunk_size", [1, 4, 5, 7, 10, 64])
@@ -59,11 +54,8 @@ def test_chunked_equals_reference(path, estimator, masked, chunk_size, recorded_
     hidden, weight, labels = data(0, masked)
     gen = torch.Generator().manual_seed(1)
     kwargs = dict(estimator=estimator, chunk_size=chunk_size, generator=gen)
-    if path == "hidden":
-        loss = otr_loss_from_hidden(hidden, weight, labels, **kwargs)
-    else:
-        loss = otr_loss(hidden @ weight.T, labels, **kwargs)
-    ref = reference(hidden, weight, labels, estimator, recorded_draws)
+    loss = loss_on_path(path, hidden, weight, labels, **kwargs)
+    ref = hidden_reference(hidden, weight, labels, estimator, recorded_draws)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     got = torch.autograd.grad(loss, (hidden, weight))
     want = torch.autograd.grad(ref, (hidden, weight))
@@ -111,7 +103,7 @@ def test_frozen_lm_head_gets_no_weight_gradient():
     frozen = weight.detach()
     loss = otr_loss_from_hidden(hidden, frozen, labels, estimator="exact", chunk_size=4)
     (grad,) = torch.autograd.grad(loss, hidden)
-    ref = reference(hidden, frozen, labels, "exact")
+    ref = hidden_reference(hidden, frozen, labels, "exact")
     torch.testing.assert_close(grad, torch.autograd.grad(ref, hidden)[0], rtol=1e-4, atol=1e-6)
     assert frozen.grad is None
 
