@@ -122,6 +122,51 @@ def _count_head_gathers(model, sharded) -> list[int]:
     return per_loss
 
 
+def _head_unit_gather_counter():
+    """FSDP2: a callback that counts the all-gathers of the FSDP unit that owns the lm_head
+    (the root under the transformer auto-wrap: embeddings, final norm and head in one
+    all-gather), per optimizer step in training and in total in evaluation, for OTR and
+    the CE control alike. It hooks in through FSDP2's public ``set_custom_all_gather``
+    with torch's own default all-gather, counted, once the Trainer has wrapped the model
+    (``on_train_begin``)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather
+    from transformers import TrainerCallback
+
+    class Counting(DefaultAllGather):
+        calls = 0
+
+        def __call__(self, *args, **kwargs):
+            Counting.calls += 1
+            return super().__call__(*args, **kwargs)
+
+    class HeadUnitGathers(TrainerCallback):
+        def __init__(self):
+            self.per_step: list[int] = []
+            self.unit_found = False
+            self._seen = 0
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            head = next(m for name, m in model.named_modules() if name.endswith("lm_head"))
+            owner = None
+            for module in model.modules():  # depth first: the last match is the nearest
+                if isinstance(module, FSDPModule) and any(m is head for m in module.modules()):
+                    owner = module
+            if owner is None:
+                raise RuntimeError("FSDP2: no unit owns the lm_head after wrapping")
+            owner.set_custom_all_gather(Counting())
+            self.unit_found = True
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.per_step.append(Counting.calls - self._seen)
+            self._seen = Counting.calls
+
+        def since_training(self) -> int:
+            return Counting.calls - self._seen
+
+    return HeadUnitGathers()
+
+
 def _whole_lora_weights(model) -> dict:
     """Every LoRA weight, whole, on every rank (FSDP2 and ZeRO-3 gather them)."""
     import torch
@@ -214,6 +259,9 @@ def train(engine: str, model_dir: str, adapter: str, out: Path, micro_batch: int
     trainer.add_callback(logs)
     dtensors = _dtensor_probe()
     trainer.add_callback(dtensors)
+    unit_gathers = _head_unit_gather_counter() if engine == "fsdp2" else None
+    if unit_gathers is not None:
+        trainer.add_callback(unit_gathers)
     trainer.train()
     # evaluation takes the training's route (the hidden-state path when no logits are kept)
     metrics = trainer.evaluate()
@@ -225,6 +273,9 @@ def train(engine: str, model_dir: str, adapter: str, out: Path, micro_batch: int
         "partitioned_at_load": partitioned,
         "lora_dtensor_in_training": dtensors.seen,
     }
+    if unit_gathers is not None:
+        record["head_unit_gathers_per_step"] = unit_gathers.per_step
+        record["head_unit_gathers_in_eval"] = unit_gathers.since_training()
     if otr:
         layer = trainer.output_layer
         record["fused"] = layer.weight_and_bias is not None

@@ -17,7 +17,8 @@ process with the same global batch (16 sequences, 8 per optimizer step, 2 steps)
   twice as many per evaluation batch), counted at DeepSpeed's own gather entry points,
   and reused from the forward under FSDP2 (``axolotl_otr/model/sharding.py``), where a
   LoRA parameter is a DTensor during training (the model really sharded) and the unit
-  owning the head was found. FSDP2's gathers are not counted (no public entry point).
+  owning the head was found; the all-gathers of that unit are counted per optimizer
+  step for OTR and the control (FSDP2's public ``set_custom_all_gather``).
 
 Cost: one launch per engine plus the reference, 2 min for the four on 2 quiet CPU cores
 (5.5 min under a load average of 5-7); the first DeepSpeed launch on a machine compiles a
@@ -122,6 +123,16 @@ def test_two_processes_train_as_one_with_the_fused_loss(
     # FSDP2 really sharded the model (not a silent DDP), and the head's unit was found
     assert otr["lora_dtensor_in_training"] == (engine == "fsdp2")
     assert otr["unit_found"] == (engine == "fsdp2")
+    if engine == "fsdp2":  # all-gathers of the head's unit (the root) per optimizer step
+        # OTR: the forward's gather of each micro-batch only (kept through the loss and the
+        # backward), whatever the chunk count; the CE control: forward and backward each
+        # gather it (accelerate reshards every unit after forward). Evaluation: the
+        # forward's, one per batch, either way.
+        accumulation = MICRO_BATCHES_PER_PROCESS // 2
+        assert otr["head_unit_gathers_per_step"] == [accumulation] * 2
+        assert two["ce"]["head_unit_gathers_per_step"] == [2 * accumulation] * 2
+        assert otr["head_unit_gathers_in_eval"] == EVAL_BATCHES_PER_PROCESS
+        assert two["ce"]["head_unit_gathers_in_eval"] == EVAL_BATCHES_PER_PROCESS
     if engine == "zero3":  # DeepSpeed's own all-gathers of the head inside each loss
         per_loss = otr["head_gathers_per_loss"]
         # one per loss, for training's micro-batches (2 sequences) and the evaluation's
