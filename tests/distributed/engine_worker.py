@@ -2,7 +2,7 @@
 
 Usage: python -m torch.distributed.run --nproc_per_node N -m tests.distributed.engine_worker
         ENGINE MODEL ADAPTER OUT MICRO_BATCH ACCUMULATION
-ENGINE: ddp, fsdp2, zero2 or zero3 (zero2: see test_engines.py). Both runs start from the
+ENGINE: ddp, fsdp2, zero2 or zero3. Both runs start from the
 saved LoRA adapter ADAPTER on the base model MODEL, on the same 16 examples, for 2
 optimizer steps; the OTR run uses a small chunk (several chunks per micro-batch). Every
 rank gathers the trained LoRA weights whole (a collective under FSDP2 and ZeRO-3); rank 0
@@ -20,6 +20,7 @@ What a machine without GPUs lacks, patched here in the test and never in the pac
   Trainer would silently train DDP. After the Trainer is built (before OTR attaches and
   before ``train()`` wraps the model) accelerate's state is switched to FSDP with the
   plugin the Trainer made from its own ``fsdp`` arguments.
+- ZeRO-2: its optimizer step runs in no-grad mode (``_zero2_step_without_grad``).
 """
 
 from __future__ import annotations
@@ -167,6 +168,25 @@ def _head_unit_gather_counter():
     return HeadUnitGathers()
 
 
+def _zero2_step_without_grad():
+    """ZeRO-1/2 on gloo: a callback that runs DeepSpeed's optimizer step in no-grad mode,
+    once the engine exists (``on_train_begin``). After each step DeepSpeed 0.18.9
+    all-gathers the updated partitions into its flat bit16 buffers; accelerate calls
+    that step from its ``backward`` (grad mode on), and gloo's all-gather writes into
+    split views of its output, which autograd refuses in grad mode ("Output 0 of Split
+    is a view and is being modified inplace"; NCCL writes the buffer directly, and the
+    step's arithmetic makes no gradient). Only this test's optimizer instance is wrapped."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepWithoutGrad(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            zero = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+            zero.step = torch.no_grad()(zero.step)
+
+    return StepWithoutGrad()
+
+
 def _whole_lora_weights(model) -> dict:
     """Every LoRA weight, whole, on every rank (FSDP2 and ZeRO-3 gather them)."""
     import torch
@@ -262,6 +282,8 @@ def train(engine: str, model_dir: str, adapter: str, out: Path, micro_batch: int
     unit_gathers = _head_unit_gather_counter() if engine == "fsdp2" else None
     if unit_gathers is not None:
         trainer.add_callback(unit_gathers)
+    if engine == "zero2":
+        trainer.add_callback(_zero2_step_without_grad())
     trainer.train()
     # evaluation takes the training's route (the hidden-state path when no logits are kept)
     metrics = trainer.evaluate()
