@@ -21,7 +21,8 @@ process with the same global batch (16 sequences, 8 per optimizer step, 2 steps)
   step for OTR and the control (FSDP2's public ``set_custom_all_gather``).
 
 Cost: one launch per engine plus the reference, 2 min for four of them (before ZeRO-2
-was added) on 2 quiet CPU cores (5.5 min under a load average of 5-7); the first DeepSpeed launch on a machine compiles a
+was added) on 2 quiet CPU cores (5.5 min under a load average of 5-7); ZeRO-2 alone with
+the reference 1 min 46 s under load; the first DeepSpeed launch on a machine compiles a
 C++ op (80-110 s), which torch caches in ``~/.cache/torch_extensions`` (or
 ``TORCH_EXTENSIONS_DIR``) for every later run and clone.
 """
