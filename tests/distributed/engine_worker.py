@@ -1,13 +1,14 @@
 """Two short LoRA trainings (the CE control, then OTR) under one engine, launched by torchrun.
 
 Usage: python -m torch.distributed.run --nproc_per_node N -m tests.distributed.engine_worker
-        ENGINE MODEL ADAPTER OUT MICRO_BATCH ACCUMULATION
-ENGINE: ddp, fsdp2, zero2 or zero3. Both runs start from the
-saved LoRA adapter ADAPTER on the base model MODEL, on the same 16 examples, for 2
-optimizer steps; the OTR run uses a small chunk (several chunks per micro-batch). Every
-rank gathers the trained LoRA weights whole (a collective under FSDP2 and ZeRO-3); rank 0
-saves, per run, the logged metrics, those weights, the evaluation metrics after training
-(8 more sequences), the loss path and the lm_head gathers the loss made, to OUT.
+        ENGINE MODEL ADAPTER OUT (MICRO_BATCH ACCUMULATION | one-rank)
+ENGINE: ddp, fsdp2, zero2 or zero3. With ``one-rank``: the one-rank check under that
+engine instead (``one_rank``). Both runs start from the saved LoRA adapter ADAPTER on the
+base model MODEL, on the same 16 examples, for 2 optimizer steps; the OTR run uses a small
+chunk (several chunks per micro-batch). Every rank gathers the trained LoRA weights whole
+(a collective under FSDP2 and ZeRO-3); rank 0 saves, per run, the logged metrics, those
+weights, the evaluation metrics after training (8 more sequences), the loss path and the
+lm_head gathers the loss made, to OUT.
 
 What a machine without GPUs lacks, patched here in the test and never in the package:
 - DeepSpeed: the HF Trainer sizes DeepSpeed's batch from accelerate's state, which on a
@@ -225,15 +226,16 @@ def _dtensor_probe():
     return DTensorProbe()
 
 
-def train(engine: str, model_dir: str, adapter: str, out: Path, micro_batch: int, acc: int, otr):
-    """One training run; what rank 0 saves of it."""
+def build(engine: str, model_dir: str, adapter: str, out: Path, micro_batch: int, acc: int, otr):
+    """The Trainer of one run (OTR attached when ``otr``), the adapter loaded on the base
+    model after the arguments; and whether ZeRO-3 partitioned the model as it loaded."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, Trainer
 
     from axolotl_otr.objective import Objective, OTRSettings
     from axolotl_otr.trainer import install_otr
-    from tests.support.trainer_setup import LogRecorder, make_examples, trainer_args
+    from tests.support.trainer_setup import make_examples, trainer_args
 
     if engine.startswith("zero"):
         # A second DeepSpeed Trainer in one process: accelerate refuses a second
@@ -268,10 +270,21 @@ def train(engine: str, model_dir: str, adapter: str, out: Path, micro_batch: int
     )
     if engine == "fsdp2":
         _switch_to_fsdp(trainer)
+    if otr:
+        install_otr(trainer, OTRSettings(Objective(estimator="exact"), chunk_size=CHUNK))
+    if engine == "zero2":
+        trainer.add_callback(_zero2_step_without_grad())
+    return trainer, partitioned
+
+
+def train(engine: str, model_dir: str, adapter: str, out: Path, micro_batch: int, acc: int, otr):
+    """One training run; what rank 0 saves of it."""
+    from tests.support.trainer_setup import LogRecorder
+
+    trainer, partitioned = build(engine, model_dir, adapter, out, micro_batch, acc, otr)
+    model = trainer.model
     per_loss = None
     if otr:
-        settings = OTRSettings(Objective(estimator="exact"), chunk_size=CHUNK)
-        install_otr(trainer, settings)
         sharded = getattr(trainer.output_layer, "sharded", None)
         if engine == "zero3" and sharded is not None:
             per_loss = _count_head_gathers(model, sharded)
@@ -282,8 +295,6 @@ def train(engine: str, model_dir: str, adapter: str, out: Path, micro_batch: int
     unit_gathers = _head_unit_gather_counter() if engine == "fsdp2" else None
     if unit_gathers is not None:
         trainer.add_callback(unit_gathers)
-    if engine == "zero2":
-        trainer.add_callback(_zero2_step_without_grad())
     trainer.train()
     # evaluation takes the training's route (the hidden-state path when no logits are kept)
     metrics = trainer.evaluate()
@@ -310,8 +321,48 @@ def train(engine: str, model_dir: str, adapter: str, out: Path, micro_batch: int
     return record
 
 
+# The one-rank calls (tests/distributed/test_eval_ranks.py) that return under plain CE
+# with a sharded engine: the others run a forward (prediction_step, compute_loss) or
+# gather the state dict (save_model), collectives of the engine for CE as for OTR.
+NO_COLLECTIVE_CALLS = (
+    "log_eval_keys", "log_training_keys", "get_eval_dataloader", "get_train_dataloader",
+)  # fmt: skip
+
+
+def one_rank(engine: str, model_dir: str, adapter: str, out: Path) -> dict:
+    """Rank 0 alone makes each of ``NO_COLLECTIVE_CALLS`` after training, for the CE
+    control and OTR, while the other ranks wait outside any collective (exit 3 after
+    ``eval_worker.WAIT_S``); every rank evaluates before and after the stray calls."""
+    import torch
+
+    from tests.distributed.eval_worker import ONE_RANK_CALLS, wait_for
+
+    saved: dict = {"calls": {}, "evals": {}}
+    for variant, otr in (("ce", False), ("otr", True)):
+        trainer, _ = build(engine, model_dir, adapter, out, 2, 2, otr)
+        trainer.train()  # the model wrapped by the engine, as when callbacks run
+        before = trainer.evaluate()
+        rank = trainer.args.process_index
+        saved["calls"][variant] = {}
+        for name in NO_COLLECTIVE_CALLS:
+            marker = out.parent / f"{engine}-{variant}-{name}.done"
+            if rank == 0:
+                try:
+                    ONE_RANK_CALLS[name](trainer, None, out.parent / variant)
+                    outcome = "returned"
+                except Exception as err:  # noqa: BLE001 - reported to the test
+                    outcome = f"raised {type(err).__name__}: {err}"
+                saved["calls"][variant][name] = outcome
+                torch.save(saved, out)
+                marker.touch()
+            else:
+                wait_for(marker, rank, f"{variant} {name}")
+        saved["evals"][variant] = {"before": before, "after": trainer.evaluate()}
+    return saved
+
+
 def main() -> None:
-    engine, model_dir, adapter, out, micro_batch, acc = sys.argv[1:7]
+    engine, model_dir, adapter, out = sys.argv[1:5]
     if engine not in ENGINES:
         raise SystemExit(f"engine {engine!r} not in {ENGINES}")
     if engine.startswith("zero"):
@@ -322,6 +373,12 @@ def main() -> None:
     import torch
 
     out = Path(out)
+    if sys.argv[5:] == ["one-rank"]:
+        saved = one_rank(engine, model_dir, adapter, out)
+        if int(os.environ.get("RANK", "0")) == 0:
+            torch.save(saved, out)
+        return
+    micro_batch, acc = sys.argv[5:7]
     runs = {
         name: train(engine, model_dir, adapter, out, int(micro_batch), int(acc), otr)
         for name, otr in (("ce", False), ("otr", True))

@@ -63,7 +63,7 @@ ONE_RANK_CALLS: dict[str, Callable] = {
 }
 
 
-def _wait_for(marker: Path, rank: int, what: str) -> None:
+def wait_for(marker: Path, rank: int, what: str) -> None:
     """Wait (outside any collective) until rank 0 says it is past ``what``; exit 3 if not."""
     deadline = time.monotonic() + WAIT_S
     while not marker.exists():
@@ -110,7 +110,7 @@ def one_rank(model: str, out: Path, eval_batch: int) -> None:
                 torch.save(saved, out)
                 marker.touch()
             else:
-                _wait_for(marker, rank, f"{variant} {name}")
+                wait_for(marker, rank, f"{variant} {name}")
         after = trainer.evaluate()
         saved["evals"][variant] = {"before": before, "after": after}
         if rank == 0:

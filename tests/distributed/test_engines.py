@@ -135,3 +135,25 @@ def test_two_processes_train_as_one_with_the_fused_loss(
         # one per loss, for training's micro-batches (2 sequences) and the evaluation's
         # batch (4 sequences: twice the chunks), so not one per chunk
         assert per_loss == [1] * (MICRO_BATCHES_PER_PROCESS + EVAL_BATCHES_PER_PROCESS)
+
+
+# The one-rank class (test_eval_ranks.py) under the sharded engines: the Trainer methods
+# that callbacks call on rank 0 alone and that return under plain CE with the engine
+# (engine_worker.NO_COLLECTIVE_CALLS: logging and the dataloader getters; a forward or a
+# state-dict gather is the engine's collective for CE as for OTR) return under OTR too,
+# after training, and leave the next evaluation's numbers unchanged.
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_one_rank_calls_return_under_sharded_engines(engine, tiny_dir, adapter, tmp_path):
+    out = tmp_path / "one-rank.pt"
+    args = [engine, tiny_dir / "model", adapter, out, "one-rank"]
+    proc = torchrun(WORKER, args, 2, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    saved = torch.load(out, weights_only=False)
+    for variant in ("ce", "otr"):
+        calls = saved["calls"][variant]
+        assert calls and set(calls.values()) == {"returned"}, (variant, calls)
+        evals = saved["evals"][variant]
+        keys = [k for k in evals["before"] if k == "eval_loss" or "otr/" in k]
+        assert "eval_loss" in keys and (variant == "ce" or "eval_otr/ce" in keys), keys
+        for key in keys:
+            assert evals["after"][key] == pytest.approx(evals["before"][key], rel=1e-6), key
