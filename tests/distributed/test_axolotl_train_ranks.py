@@ -1,7 +1,7 @@
-"""`axolotl train` with 2 processes (gloo, CPU) under DDP and DeepSpeed ZeRO-3, OTR on.
+"""`axolotl train` with 2 processes (gloo, CPU) under DDP, DeepSpeed ZeRO-3 and FSDP2, OTR on.
 
 Each run is Axolotl's own training entry point in every process of a ``torchrun``
-launch, through ``tests/support/cpu_launch.py`` (which says what it patches for a machine
+launch, through ``tests/support/cpu_launch.py`` (which says what it changes for a machine
 without GPUs). All runs start from one saved LoRA adapter (``lora_model_dir``: Axolotl
 does not seed the adapter's initialization), train 2 optimizer steps on the tiny model
 with the exact estimator (no per-process draws), and save a checkpoint after each step
@@ -15,21 +15,25 @@ against 2 processes x 2 micro-batches of 2):
 - finite losses, and the adapter moved from the saved one;
 - 2 processes = 1 process: logged losses and ``otr/*`` to 1e-5, the trained LoRA weights
   (the final adapter each run saved) to 1e-4;
-- ZeRO-3 really ran: its checkpoints hold one ZeRO stage-3 partition per process;
+- the engine really ran: ZeRO-3's checkpoints hold one stage-3 partition per process;
+  FSDP2's are accelerate's FSDP checkpoints, and its adapter Axolotl's FSDP2 gather;
 - save and resume: ZeRO-3 resumed from its step-1 checkpoint repeats step 2's logged
   values and ends with the same adapter;
 - ``axolotl merge-lora`` of the ZeRO-3 adapter writes base + adapter.
 
 Not here, because other tests cover it: the CE control (``otr: false``) and step 1's
 ``otr/ce`` against it (``tests/e2e/test_axolotl_train.py``, one process; ``otr/ce`` of 2
-processes = 1 process is asserted here), the HF Trainer under each engine
-(``test_engines.py``), sampled draws on resume (``test_axolotl_train.py``).
-FSDP2 is not here: see ``FSDP2_REASON``.
+processes = 1 process is asserted here), the HF Trainer under each engine and the head's
+gathers (``test_engines.py``), sampled draws on resume (``test_axolotl_train.py``).
+FSDP2's checkpoint save works here (issue 34 saw PEFT's ``save_pretrained`` fail with
+"Attempted to access the data pointer on an invalid python storage" when accelerate's
+state was switched to FSDP after the Trainer was built; with the state FSDP's from its
+creation, ``cpu_launch.py`` change 5, the checkpoints and the final adapter save).
 
-Cost: 4 launches of ``axolotl train`` (1 process, DDP, ZeRO-3, ZeRO-3 resumed) and one
-``merge-lora``, about 45 s each: 5.6 min wall (4.9 min of CPU) on 2 cores shared with
-other jobs (load average 4-5); DeepSpeed's compiled op is reused from torch's extension
-cache (``test_engines.py``).
+Cost: 5 launches of ``axolotl train`` (1 process, DDP, ZeRO-3, FSDP2, ZeRO-3 resumed)
+and one ``merge-lora``: 6.4 min wall, 5.2 min of CPU, on 2 cores shared with other jobs
+(load average 4.5-5); DeepSpeed's compiled op reused from torch's extension cache
+(``test_engines.py``).
 """
 
 from __future__ import annotations
@@ -53,6 +57,15 @@ LAUNCHER = "tests.support.cpu_launch"
 STEPS = 2
 FUSED = "loss computed chunked from hidden states"
 COUNTED = "otr: average_tokens_across_devices set to true (2 processes)"
+FSDP2_KEYS = {
+    "fsdp_version": 2,
+    "fsdp_config": {
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+        "reshard_after_forward": True,
+        "state_dict_type": "FULL_STATE_DICT",
+    },
+}
 COMPARED = ("loss", "otr/ce", "otr/p_target", "otr/hit_rate", "otr/entropy")
 
 
@@ -137,6 +150,7 @@ def runs(tiny_dir, adapter, tmp_path_factory) -> dict:
         "zero3": make_config(
             tiny_dir, adapter, root / "zero3", deepspeed=_deepspeed_config(3), **two
         ),
+        "fsdp2": make_config(tiny_dir, adapter, root / "fsdp2", **FSDP2_KEYS, **two),
     }
     return {
         name: train(config, 1 if name == "one" else 2) | {"config": config}
@@ -148,7 +162,7 @@ def values(run: dict, key: str) -> list[float]:
     return [log[key] for log in run["logs"]]
 
 
-@pytest.mark.parametrize("engine", ["ddp", "zero3"])
+@pytest.mark.parametrize("engine", ["ddp", "zero3", "fsdp2"])
 def test_every_process_takes_the_fused_path_and_counts_tokens_globally(runs, engine):
     output = runs[engine]["output"]
     attached = [line for line in output.splitlines() if "OTR on (" in line]
@@ -160,7 +174,7 @@ def test_every_process_takes_the_fused_path_and_counts_tokens_globally(runs, eng
     assert FUSED in one and "average_tokens_across_devices set to true" not in one
 
 
-@pytest.mark.parametrize("engine", ["ddp", "zero3"])
+@pytest.mark.parametrize("engine", ["ddp", "zero3", "fsdp2"])
 def test_two_processes_train_as_one_process_with_the_global_batch(runs, adapter, engine):
     from safetensors.torch import load_file
 
@@ -185,6 +199,15 @@ def test_zero3_checkpoints_hold_one_stage_3_partition_per_process(runs):
     state = torch.load(partitions[0], map_location="cpu", weights_only=False)
     optimizer = state["optimizer_state_dict"]
     assert optimizer["zero_stage"] == 3 and optimizer["partition_count"] == 2
+
+
+def test_fsdp2_checkpoints_are_fsdps_own(runs):
+    """FSDP really ran (not a silent DDP): the Trainer saved its checkpoints through
+    accelerate's FSDP save, and the final adapter through Axolotl's FSDP2 gather."""
+    checkpoint = runs["fsdp2"]["out"] / "checkpoint-1"
+    assert (checkpoint / "pytorch_model_fsdp.bin").is_file(), sorted(checkpoint.iterdir())
+    assert not (runs["ddp"]["out"] / "checkpoint-1" / "pytorch_model_fsdp.bin").exists()
+    assert "Saved FSDP2-gathered LoRA adapter" in runs["fsdp2"]["output"]
 
 
 def test_zero3_resumed_from_step_1_repeats_step_2(runs, tmp_path):

@@ -39,6 +39,14 @@ Read in Axolotl 0.19.0 (``src/axolotl/...``), accelerate 1.13, transformers 5.16
    accelerate rebuilds it from the environment. The wrapper makes gloo the backend
    accelerate picks when none is given in a ``torchrun`` process (``LOCAL_RANK`` set)
    without CUDA, which is what it picks for its own CPU state.
+5. **FSDP is turned on for CPU processes** (wrapped: accelerate's
+   ``AcceleratorState.__init__``, non-DeepSpeed configs). Accelerate 1.13 makes its state
+   FSDP's only for GPU-like process groups; on CPU (change 1) it keeps ``MULTI_CPU`` and
+   the run silently trains DDP with the FSDP plugin ignored. The wrapper makes the state
+   FSDP's, with the plugin accelerate was given (Axolotl's ``fsdp_config``), as accelerate
+   does on GPUs, when the state is created: the Trainer then sees FSDP from its start
+   (its checkpoints are FSDP's, ``pytorch_model_fsdp.bin``), and ``train()`` shards the
+   model with ``fully_shard`` under ``fsdp_version: 2``.
 """
 
 from __future__ import annotations
@@ -85,6 +93,24 @@ def gloo_by_default() -> None:
     PartialState._prepare_backend = prepare_gloo
 
 
+def fsdp_on_cpu() -> None:
+    """Change 5: accelerate's state is FSDP's for CPU processes given an FSDP plugin."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+
+    @functools.wraps(init)
+    def init_fsdp(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = init_fsdp
+
+
 def uses_deepspeed(config: str) -> bool:
     """Whether the config at ``config`` trains under DeepSpeed."""
     import yaml
@@ -100,6 +126,7 @@ def main() -> None:
         gloo_by_default()
     else:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # change 1
+        fsdp_on_cpu()
     mesh_on_cpu()
     from axolotl.cli.train import do_cli
 
