@@ -32,8 +32,8 @@ creation (``cpu_launch.py`` change 5) the checkpoints and the final adapter save
 that failure was not reproduced and whether it is CPU-only is not known.
 
 Cost: 5 launches of ``axolotl train`` (1 process, DDP, ZeRO-3, FSDP2, ZeRO-3 resumed)
-and one ``merge-lora``: 6.4 min wall, 5.2 min of CPU, on 2 cores shared with other jobs
-(load average 4.5-5); DeepSpeed's compiled op reused from torch's extension cache
+and one ``merge-lora``: 4.4 min wall on 2 cores shared with other jobs (load average
+3-4; 6.4 min at 4.5-5); DeepSpeed's compiled op reused from torch's extension cache
 (``test_engines.py``).
 """
 
@@ -166,9 +166,10 @@ def values(run: dict, key: str) -> list[float]:
 @pytest.mark.parametrize("engine", ["ddp", "zero3", "fsdp2"])
 def test_every_process_takes_the_fused_path_and_counts_tokens_globally(runs, engine):
     output = runs[engine]["output"]
-    attached = [line for line in output.splitlines() if "OTR on (" in line]
-    assert len(attached) == 2, output[-3000:]  # one per process
-    assert all(FUSED in line for line in attached), attached
+    # one line per process, counted in the whole output: two processes' lines can meet
+    # on one line of the shared pipe
+    assert output.count("OTR on (") == 2, output[-3000:]
+    assert output.count(FUSED) == 2, output[-3000:]
     assert "loss computed from full logits" not in output
     assert output.count(COUNTED) == 2, output[-3000:]
     one = runs["one"]["output"]
