@@ -26,10 +26,11 @@ Not here, because other tests cover it: the CE control (``otr: false``) and step
 processes = 1 process is asserted here), the HF Trainer under each engine and the head's
 gathers (``test_engines.py``), sampled draws on resume (``test_axolotl_train.py``).
 FSDP2's checkpoint save works here: issue 34 saw PEFT's ``save_pretrained`` fail with
-"Attempted to access the data pointer on an invalid python storage" under an earlier
-shim (how it turned FSDP on is not recorded); with accelerate's state FSDP's from its
-creation (``cpu_launch.py`` change 5) the checkpoints and the final adapter save, so
-that failure was not reproduced and whether it is CPU-only is not known.
+"Attempted to access the data pointer on an invalid python storage"; that failure comes
+from switching accelerate's state to FSDP after Axolotl built the Trainer (reproduced on
+CPU with a plugin's ``post_trainer_create`` doing it), not from the CPU: with the state
+FSDP's from its creation (``cpu_launch.py`` change 5, as accelerate sets it on GPUs)
+the checkpoints and the final adapter save.
 
 Cost: 5 launches of ``axolotl train`` (1 process, DDP, ZeRO-3, FSDP2, ZeRO-3 resumed)
 and one ``merge-lora``: 4.4 min wall on 2 cores shared with other jobs (load average
