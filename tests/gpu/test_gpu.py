@@ -269,9 +269,8 @@ def test_bf16_lm_head_gradient_takes_the_fp32_accumulating_gemm_on_cuda(monkeypa
     """Issue 30, finding 6: on CUDA (compute capability 8+) each chunk adds its weight
     gradient in one bf16-in, fp32-out GEMM; the result is as precise as rounding the exact
     gradient once, and owns exactly its bytes (as tests/unit/test_weight_grad.py on CPU)."""
-    from test_memory import head_batch
-
     import axolotl_otr.kernels.weight_grad as weight_grad
+    from tests.support.head_memory import head_batch
 
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("bf16 GEMMs need compute capability 8")
@@ -296,7 +295,7 @@ def test_bf16_lm_head_gradient_takes_the_fp32_accumulating_gemm_on_cuda(monkeypa
 
 
 def test_a_trainable_bf16_lm_head_costs_at_most_2_2_copies_on_cuda():
-    from test_memory import trainable_head_cost
+    from tests.support.head_memory import trainable_head_cost
 
     copies, dtype = trainable_head_cost("cuda")
     assert dtype == torch.bfloat16
@@ -304,7 +303,7 @@ def test_a_trainable_bf16_lm_head_costs_at_most_2_2_copies_on_cuda():
 
 
 def test_fp16_gradients_do_not_underflow_on_cuda():
-    from test_memory import fp16_gradient_errors
+    from tests.support.head_memory import fp16_gradient_errors
 
     error, lost, _ = fp16_gradient_errors("cuda")
     assert error < 5e-3 and lost < 1e-3, (error, lost)
