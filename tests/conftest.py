@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from examples.tiny import build_tiny
@@ -53,3 +54,27 @@ def tiny_config(tiny_dir, tmp_path):
         return {k: v for k, v in cfg.items() if v is not None}
 
     return make
+
+
+@pytest.fixture(scope="session")
+def adapter(tiny_dir, tmp_path_factory) -> Path:
+    """One LoRA adapter on the tiny model (q/v projections, rank 4) with nonzero B, saved
+    once: the common start of runs that are compared (HF Trainer and `axolotl train`'s
+    ``lora_model_dir``)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("adapter")
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", dtype=torch.float32)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )  # fmt: skip
+    model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    model.save_pretrained(out)
+    return out

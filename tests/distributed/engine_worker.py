@@ -36,7 +36,7 @@ STEPS = 2
 CHUNK = 16  # positions per chunk: several chunks per micro-batch
 
 
-def _deepspeed_config(stage: int) -> dict:
+def deepspeed_config(stage: int) -> dict:
     return {
         "train_micro_batch_size_per_gpu": "auto",
         "train_batch_size": "auto",
@@ -53,7 +53,7 @@ def _deepspeed_config(stage: int) -> dict:
 def _engine_args(engine: str) -> dict:
     if engine.startswith("zero"):
         return {
-            "deepspeed": _deepspeed_config(int(engine[-1])),
+            "deepspeed": deepspeed_config(int(engine[-1])),
             "accelerator_config": {"use_configured_state": True},
         }
     if engine == "fsdp2":

@@ -48,7 +48,7 @@ import pytest
 import torch
 import yaml
 
-from tests.distributed.engine_worker import _deepspeed_config
+from tests.distributed.engine_worker import deepspeed_config
 from tests.support.axolotl_cli import TINY_CONFIG, run_axolotl, write_config
 from tests.support.cpu_launch import CPU_KEYS
 from tests.support.torchrun import torchrun
@@ -118,28 +118,6 @@ def train(config: Path, processes: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def adapter(tiny_dir, tmp_path_factory) -> Path:
-    """One LoRA adapter (q/v projections, rank 4) with nonzero B, saved once."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path_factory.mktemp("adapter")
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", dtype=torch.float32)
-    config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-        task_type="CAUSAL_LM",
-    )  # fmt: skip
-    model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.02)
-    model.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def runs(tiny_dir, adapter, tmp_path_factory) -> dict:
     """1 process (8 sequences per micro-batch), DDP and ZeRO-3 (2 x 2 x 2 sequences)."""
     root = tmp_path_factory.mktemp("ranks")
@@ -150,7 +128,7 @@ def runs(tiny_dir, adapter, tmp_path_factory) -> dict:
         ),
         "ddp": make_config(tiny_dir, adapter, root / "ddp", **two),
         "zero3": make_config(
-            tiny_dir, adapter, root / "zero3", deepspeed=_deepspeed_config(3), **two
+            tiny_dir, adapter, root / "zero3", deepspeed=deepspeed_config(3), **two
         ),
         "fsdp2": make_config(tiny_dir, adapter, root / "fsdp2", **FSDP2_KEYS, **two),
     }

@@ -55,25 +55,6 @@ def launch(engine: str, processes: int, micro_batch: int, accumulation: int, tin
 
 
 @pytest.fixture(scope="module")
-def adapter(tiny_dir, tmp_path_factory) -> Path:
-    """One LoRA adapter (q/v projections, rank 4) with nonzero B, saved once."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path_factory.mktemp("adapter")
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.02)
-    model.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def one_process(tiny_dir, adapter, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("one") / "runs.pt"
     return launch("ddp", 1, 8, 1, tiny_dir, adapter, out)

@@ -24,11 +24,16 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from tests.e2e.test_family_configs import cpu_config
 from tests.support.axolotl_cli import REPO, write_config
 from tests.support.cpu_launch import CPU_KEYS
 from tests.support.examples import parse_logs
-from tests.support.family_configs import LLAMA3_PAD, FamilyConfig, build_twin, twin_data
+from tests.support.family_configs import (
+    LLAMA3_PAD,
+    FamilyConfig,
+    build_twin,
+    cpu_config,
+    twin_data,
+)
 from tests.support.torchrun import torchrun
 
 pytestmark = pytest.mark.integration

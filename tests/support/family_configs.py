@@ -112,3 +112,56 @@ def twin_data(alpaca: Path, layout: str, out: Path) -> Path:
             raise ValueError(layout)
     out.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return out
+
+
+# What a CPU needs, applied only where the config sets the key (None removes the key).
+CPU_OVERRIDES = {
+    "bf16": False,  # bf16 autocast is a GPU setting here; the twin trains in fp32
+    "bfloat16": None,  # the same, under its older name (Phi-3.5's example)
+    "fp16": None,  # the same for fp16
+    "tf32": False,  # a CUDA matmul mode
+    "flash_attention": False,  # flash-attn is a CUDA kernel
+    "attn_implementation": "sdpa",  # flash_attention_2 likewise; PyTorch's SDPA runs on CPU
+    "fused_attn_kernel": False,  # Axolotl's Triton RMSNorm+RoPE kernel (CUDA only)
+}
+# Set always: Axolotl may turn its Triton LoRA kernels on by itself when a config names
+# none (Qwen3-32B's names them), and the run must be short and local.
+ALWAYS = {
+    "lora_mlp_kernel": False,  # Axolotl's Triton LoRA kernels (CUDA only)
+    "lora_qkv_kernel": False,
+    "lora_o_kernel": False,
+    "max_steps": 2,  # two optimizer steps, the point of the test
+    "save_strategy": "no",  # no checkpoint mid-run; the final adapter is still written
+    "dataloader_num_workers": 0,  # no worker processes on this 2-core machine
+    "dataloader_pin_memory": False,  # pinned memory is a CUDA transfer setting
+}
+
+
+def twin_overrides(raw: dict, twin, data, tmp_path) -> dict:
+    """What the twin needs: its local folder instead of the hub id, the tiny data (in
+    the dataset's own layout) instead of the hub dataset, outputs in the tmp dir."""
+    out = {"base_model": str(twin)}
+    for key in ("base_model_config", "tokenizer_config"):
+        if raw.get(key):
+            out[key] = str(twin)  # the same hub id, written twice in some examples
+    out["datasets"] = [
+        {**dataset, "path": str(data), "ds_type": "json"} for dataset in raw["datasets"]
+    ]
+    out["dataset_prepared_path"] = str(tmp_path / "prepared")
+    out["output_dir"] = str(tmp_path / "out")
+    return out
+
+
+def cpu_config(raw: dict, twin, data, tmp_path) -> dict:
+    """``raw`` with the CPU and twin overrides applied, nothing else changed."""
+    cfg = dict(raw)
+    for key, value in CPU_OVERRIDES.items():
+        if key in raw:
+            cfg[key] = value
+    if raw.get("gradient_checkpointing") == "offload":
+        # Checkpointing kept; "offload" also moves activations from the accelerator to
+        # host memory (TRL's offloading asks torch.accelerator, which a CPU has not).
+        cfg["gradient_checkpointing"] = True
+    cfg.update(ALWAYS)
+    cfg.update(twin_overrides(raw, twin, data, tmp_path))
+    return {key: value for key, value in cfg.items() if value is not None}
