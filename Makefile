@@ -21,13 +21,14 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # folders it cannot find; drop those lines, keep everything else pip says.
 QUIET_PIP := 2>&1 | sed '/^WARNING: Location .* is ignored/d'
 MATPLOTLIB_VERSION ?= 3.11.2
-# Tests run in TEST_WORKERS processes (pytest-xdist), whole files to a process
-# (`--dist loadfile`: a file's module fixtures, such as a shared training run, are built
-# once). Most of the suite's time is `axolotl train` and torchrun subprocesses that wait
-# on one core each; 2 matches this 2-core machine (each worker may start 2 processes).
+# Tests run in TEST_WORKERS processes (pytest-xdist), one test at a time to whichever
+# process is free, except the files marked `xdist_group` (their module fixtures, such as
+# shared training runs, are built once, so the whole file goes to one process). Most of
+# the suite's time is `axolotl train` and torchrun subprocesses that wait on one core
+# each; 2 matches this 2-core machine (each worker may start 2 processes).
 XDIST_VERSION ?= 3.8.0
 TEST_WORKERS ?= 2
-PYTEST := $(VENV)/bin/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --durations=15
+PYTEST := $(VENV)/bin/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup --durations=15
 # DeepSpeed for tests/distributed/test_engines.py (ZeRO-3 on 2 CPU processes), the newest
 # release Axolotl 0.19's `deepspeed` extra allows (>=0.18.6,<0.19). Installed --no-deps
 # with its small pure-Python requirements listed: its metadata names an unpinned torch.

@@ -53,7 +53,8 @@ from tests.support.axolotl_cli import TINY_CONFIG, run_axolotl, write_config
 from tests.support.cpu_launch import CPU_KEYS
 from tests.support.torchrun import torchrun
 
-pytestmark = pytest.mark.integration
+# One xdist worker runs the whole file: its module fixtures are built once (Makefile).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("test_axolotl_train_ranks")]
 
 LAUNCHER = "tests.support.cpu_launch"
 STEPS = 2

@@ -37,7 +37,8 @@ import torch
 
 from tests.support.torchrun import torchrun
 
-pytestmark = pytest.mark.integration
+# One xdist worker runs the whole file: its module fixtures are built once (Makefile).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("test_engines")]
 
 WORKER = "tests.distributed.engine_worker"
 SHARDED = {"fsdp2": "FSDP2", "zero3": "DeepSpeed ZeRO-3"}

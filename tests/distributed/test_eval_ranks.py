@@ -52,7 +52,8 @@ import torch
 
 from tests.support.torchrun import torchrun
 
-pytestmark = pytest.mark.integration
+# One xdist worker runs the whole file: its module fixtures are built once (Makefile).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("test_eval_ranks")]
 
 WORKER = "tests.distributed.eval_worker"  # run as a module from the repository root
 OTR_KEYS = ("eval_otr/ce", "eval_otr/p_target", "eval_otr/hit_rate", "eval_otr/entropy")

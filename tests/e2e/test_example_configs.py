@@ -32,6 +32,9 @@ import yaml
 from axolotl_otr.args import OTRArgs
 from tests.support.family_configs import FAMILY_CONFIGS
 
+# One xdist worker runs the whole file: its module fixture is built once (Makefile).
+pytestmark = pytest.mark.xdist_group("test_example_configs")
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO / "examples" / "configs"
 EXAMPLES = sorted(CONFIG_DIR.glob("*.yml"))

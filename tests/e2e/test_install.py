@@ -27,6 +27,7 @@ from tests.support.axolotl_cli import OFFLINE_ENV, REPO, parse_logs
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.xdist_group("test_install"),  # one worker: the module fixture once (Makefile)
     pytest.mark.skipif(
         os.environ.get("OTR_USER_INSTALL_TEST") != "1",
         reason="changes the venv it runs in: run through `make test-ax021` (CI does)",
