@@ -333,30 +333,16 @@ def one_rank(engine: str, model_dir: str, adapter: str, out: Path) -> dict:
     """Rank 0 alone makes each of ``NO_COLLECTIVE_CALLS`` after training, for the CE
     control and OTR, while the other ranks wait outside any collective (exit 3 after
     ``eval_worker.WAIT_S``); every rank evaluates before and after the stray calls."""
-    import torch
 
-    from tests.distributed.eval_worker import ONE_RANK_CALLS, wait_for
+    from tests.distributed.eval_worker import ONE_RANK_CALLS, rank_zero_alone
 
     saved: dict = {"calls": {}, "evals": {}}
     for variant, otr in (("ce", False), ("otr", True)):
         trainer, _ = build(engine, model_dir, adapter, out, 2, 2, otr)
         trainer.train()  # the model wrapped by the engine, as when callbacks run
         before = trainer.evaluate()
-        rank = trainer.args.process_index
-        saved["calls"][variant] = {}
-        for name in NO_COLLECTIVE_CALLS:
-            marker = out.parent / f"{engine}-{variant}-{name}.done"
-            if rank == 0:
-                try:
-                    ONE_RANK_CALLS[name](trainer, None, out.parent / variant)
-                    outcome = "returned"
-                except Exception as err:  # noqa: BLE001 - reported to the test
-                    outcome = f"raised {type(err).__name__}: {err}"
-                saved["calls"][variant][name] = outcome
-                torch.save(saved, out)
-                marker.touch()
-            else:
-                wait_for(marker, rank, f"{variant} {name}")
+        calls = {name: ONE_RANK_CALLS[name] for name in NO_COLLECTIVE_CALLS}
+        rank_zero_alone(trainer, calls, None, out, variant, f"{engine}-{variant}", saved)
         saved["evals"][variant] = {"before": before, "after": trainer.evaluate()}
     return saved
 

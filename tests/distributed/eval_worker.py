@@ -73,6 +73,31 @@ def wait_for(marker: Path, rank: int, what: str) -> None:
         time.sleep(0.2)
 
 
+def rank_zero_alone(trainer, calls: dict, batch, out: Path, variant: str, tag: str, saved) -> None:
+    """Rank 0 alone makes each of ``calls`` while the other ranks wait outside any
+    collective (``wait_for``); rank 0 records each outcome (and a float a call returns)
+    under ``variant`` in ``saved`` and saves it to ``out`` after every call, so a call
+    that never returns still leaves the earlier outcomes. ``tag`` names the markers."""
+    rank = trainer.args.process_index
+    saved["calls"][variant] = {}
+    saved.setdefault("values", {})[variant] = {}
+    for name, call in calls.items():
+        marker = out.parent / f"{tag}-{name}.done"
+        if rank == 0:
+            try:
+                value = call(trainer, batch, out.parent / variant)
+                outcome = "returned"
+                if isinstance(value, float):
+                    saved["values"][variant][name] = value
+            except Exception as err:  # noqa: BLE001 - reported to the test
+                outcome = f"raised {type(err).__name__}: {err}"
+            saved["calls"][variant][name] = outcome
+            torch.save(saved, out)
+            marker.touch()
+        else:
+            wait_for(marker, rank, f"{variant} {name}")
+
+
 def one_rank(model: str, out: Path, eval_batch: int) -> None:
     """Rank 0 alone calls each of ``ONE_RANK_CALLS``, for CE and for OTR (see the module
     docstring); rank 0 saves ``{"calls": {variant: {name: outcome}}, "values", "evals"}``."""
@@ -95,22 +120,7 @@ def one_rank(model: str, out: Path, eval_batch: int) -> None:
         rank = trainer.args.process_index
         batch = trainer.data_collator(eval_examples[:eval_batch])
         before = trainer.evaluate()
-        saved["calls"][variant], saved["values"][variant] = {}, {}
-        for name, call in ONE_RANK_CALLS.items():
-            marker = out.parent / f"{variant}-{name}.done"
-            if rank == 0:
-                try:
-                    value = call(trainer, batch, out.parent / variant)
-                    outcome = "returned"
-                    if isinstance(value, float):
-                        saved["values"][variant][name] = value
-                except Exception as err:  # noqa: BLE001 - reported to the test
-                    outcome = f"raised {type(err).__name__}: {err}"
-                saved["calls"][variant][name] = outcome
-                torch.save(saved, out)
-                marker.touch()
-            else:
-                wait_for(marker, rank, f"{variant} {name}")
+        rank_zero_alone(trainer, ONE_RANK_CALLS, batch, out, variant, variant, saved)
         after = trainer.evaluate()
         saved["evals"][variant] = {"before": before, "after": after}
         if rank == 0:
